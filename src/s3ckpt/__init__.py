@@ -1,0 +1,1 @@
+"""s3ckpt: PyTorch and Lightning checkpoints on S3."""
