@@ -1,0 +1,189 @@
+"""torch.save into a stream, and torch.load out of an in-memory file. Knows torch, not boto3.
+
+Loading without a second copy: the checkpoint is downloaded into an anonymous in-memory file (``memfd`` on
+Linux; a temporary file elsewhere) and ``torch.load(..., mmap=True)`` maps it, so each loaded tensor's
+storage *is* a slice of the downloaded bytes. Loading from a byte buffer instead would copy every tensor
+out of it and hold both copies (2x the checkpoint) until the buffer is freed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy as copy_module
+import io
+import mmap
+import os
+import pickle
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import crc32c as _crc32c
+import torch
+
+from .errors import CheckpointCorruptedError, UnsafeCheckpointError
+
+__all__ = ["LoadBuffer", "clone_to_host", "crc32c_of", "load_from_buffer", "save_to_stream"]
+
+MapLocation = Any  # str | torch.device | dict | Callable, as torch.load accepts
+
+
+def save_to_stream(obj: Any, stream: BinaryIO | io.RawIOBase) -> None:
+    """``torch.save`` into a write-only stream (zip format; no seek needed)."""
+    torch.save(obj, stream)  # type: ignore[arg-type]
+
+
+def crc32c_of(data: memoryview | bytes | bytearray | mmap.mmap, chunk: int = 64 * 1024 * 1024) -> int:
+    """CRC32C of ``data``, in slices so the GIL is released between them on large buffers."""
+    view = memoryview(data)
+    crc = 0
+    for start in range(0, len(view), chunk):
+        crc = _crc32c.crc32c(view[start : start + chunk], crc)
+    view.release()
+    return crc
+
+
+class LoadBuffer:
+    """A writable in-memory file of a fixed size that ``torch.load`` can map.
+
+    Usage: ``download_into(..., buf.view)``, then :func:`load_from_buffer`, then :meth:`close`. Tensors
+    loaded with ``mmap=True`` keep their own mapping of the pages, so closing the buffer is safe and
+    the memory is freed once the tensors are.
+    """
+
+    def __init__(self, size: int, name: str = "s3ckpt") -> None:
+        self.size = size
+        self._tmp_path: str | None = None
+        if hasattr(os, "memfd_create") and sys.platform.startswith("linux"):
+            # memfd pages are anonymous shared memory: not limited by a small /dev/shm (Docker's is 64 MB)
+            # and gone when the last reference closes.
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            self.path = f"/proc/self/fd/{self.fd}"
+        else:
+            fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".ckpt")
+            self.fd, self.path, self._tmp_path = fd, path, path
+        try:
+            os.ftruncate(self.fd, size)
+            self._map: mmap.mmap | None = mmap.mmap(self.fd, size) if size else None
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def view(self) -> memoryview:
+        """The writable bytes (empty for a 0-byte object)."""
+        return memoryview(self._map) if self._map is not None else memoryview(bytearray())
+
+    def crc32c(self) -> int:
+        """CRC32C of the whole buffer."""
+        return crc32c_of(self._map) if self._map is not None else 0
+
+    def close(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._tmp_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp_path)
+            self._tmp_path = None
+
+    def __enter__(self) -> LoadBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_from_buffer(
+    buf: LoadBuffer,
+    *,
+    url: str,
+    map_location: MapLocation = None,
+    weights_only: bool | None = True,
+    mmap_tensors: bool = True,
+) -> Any:
+    """``torch.load`` the bytes in ``buf``.
+
+    Args:
+        buf: the downloaded checkpoint.
+        url: named in errors.
+        map_location: as ``torch.load``; ``None`` keeps tensors where they were saved.
+        weights_only: ``True`` (the default) refuses pickles that could run code; ``None`` lets torch
+            decide (True since torch 2.6); ``False`` only for checkpoints you trust.
+        mmap_tensors: map tensor storages onto the buffer instead of copying them.
+
+    Raises:
+        UnsafeCheckpointError: ``weights_only`` refused an object in the pickle.
+        CheckpointCorruptedError: the bytes are not a torch checkpoint.
+    """
+    kwargs: dict[str, Any] = {"map_location": map_location, "mmap": mmap_tensors}
+    if weights_only is not None:
+        kwargs["weights_only"] = weights_only
+    try:
+        if buf.size == 0:
+            raise RuntimeError("the object is empty (0 bytes)")
+        return torch.load(buf.path, **kwargs)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            raise UnsafeCheckpointError(
+                f"{url}: torch.load(weights_only=True) refused to unpickle an object that is not a plain "
+                f"tensor/container ({_first_line(exc)}). If you trust this checkpoint, load it with "
+                "weights_only=False, or allow the type with torch.serialization.add_safe_globals([...])."
+            ) from exc
+        raise CheckpointCorruptedError(f"{url}: not a readable torch checkpoint: {_first_line(exc)}") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        text = str(exc)
+        if "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text or "empty" in text:
+            raise CheckpointCorruptedError(f"{url}: not a readable torch checkpoint: {_first_line(exc)}") from exc
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def clone_to_host(
+    obj: Any, *, pin_memory: bool = False, copy: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Any:
+    """A snapshot of ``obj`` whose tensors are detached CPU copies, so the caller may mutate the originals.
+
+    Containers (dict, list, tuple, namedtuple) are rebuilt; other objects are shared (they are pickled as
+    they are when the snapshot is saved). With ``pin_memory`` CUDA tensors are staged in pinned host memory.
+    """
+
+    def snap(t: torch.Tensor) -> torch.Tensor:
+        if copy is not None:
+            return copy(t)
+        if t.device.type == "cpu":
+            return t.detach().clone()
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory and torch.cuda.is_available())
+        out.copy_(t.detach(), non_blocking=pin_memory)
+        return out
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return snap(value)
+        if isinstance(value, dict):
+            if type(value) is dict:
+                return {k: walk(v) for k, v in value.items()}
+            new = copy_module.copy(value)  # keeps the subclass (OrderedDict, AttributeDict, defaultdict)
+            for k, v in value.items():
+                new[k] = walk(v)
+            return new
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, tuple):
+            items = [walk(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        return value
+
+    result = walk(obj)
+    if pin_memory and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result

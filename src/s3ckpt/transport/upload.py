@@ -1,0 +1,389 @@
+"""Streaming multipart upload with a file-like ``write()`` face.
+
+A serializer (``torch.save``) writes straight into :class:`MultipartWriter`; full parts are sent by a
+thread pool while the serializer keeps writing. Memory is bounded whatever the object size:
+
+    at most (max_write_concurrency + 1) part buffers: the parts in flight plus the one being filled.
+
+Buffers are reused, never reallocated per part. The object becomes visible only when
+CompleteMultipartUpload succeeds (S3 never shows a partial object); on any failure, or if the writer is
+closed by an exception, the upload is aborted so no billed, invisible parts are left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c as _crc32c
+
+from ..config import MAX_PARTS, MiB, adjust_part_size
+from ..errors import ConflictError, S3CheckpointError, S3NotFoundError, S3TransferError
+from . import ops
+from .context import S3Transport
+from .retry import error_code
+
+__all__ = ["NONCE_META", "MultipartWriter", "UploadResult"]
+
+log = logging.getLogger(__name__)
+
+# User metadata stamped on every object we write. After a lost CompleteMultipartUpload response the key
+# is HEADed and this nonce tells "my upload completed" from "another writer's object is there".
+NONCE_META = "s3ckpt-nonce"
+# Parts past this many double in size, so a stream of unknown length never runs into S3's 10,000-part
+# cap: with 5 MiB parts that still allows 2,000 x (5+10+20+40+80) MiB = 302 GiB.
+_PARTS_PER_SIZE_STEP = MAX_PARTS // 5
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What a finished upload wrote."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    crc32c: int
+    """CRC32C of the whole object, computed from the bytes written."""
+    parts: int
+    nonce: str
+
+
+class MultipartWriter(io.RawIOBase):
+    """A write-only binary stream that uploads to ``s3://bucket/key`` as it is written.
+
+    Use as a context manager: a clean exit completes the upload, an exception aborts it.
+
+    Args:
+        transport: client, retry policy and transfer knobs (``chunk_size_MB``, ``max_write_concurrency``).
+        bucket, key: the destination.
+        metadata: user metadata (``x-amz-meta-*``); never put credentials here.
+        expected_size: if known, used to pick a part size that fits 10,000 parts up front.
+        if_none_match: fail with :class:`ConflictError` if the key already exists when the upload
+            completes (S3 conditional write), instead of replacing it.
+        progress: called with the number of bytes each time a part (or the single PUT) is stored.
+    """
+
+    def __init__(
+        self,
+        transport: S3Transport,
+        bucket: str,
+        key: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        expected_size: int | None = None,
+        if_none_match: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = transport.transfer
+        self._t = transport
+        self.bucket = bucket
+        self.key = key
+        self.nonce = uuid.uuid4().hex
+        self._metadata = {**(metadata or {}), NONCE_META: self.nonce}
+        self._if_none_match = if_none_match
+        self._progress = progress
+        self._checksums = transport.clients.config.checksum_algorithm == "CRC32C"
+        self._base_part = adjust_part_size(cfg.part_size, expected_size)
+        self._concurrency = cfg.max_write_concurrency
+        self._slots = threading.BoundedSemaphore(self._concurrency)
+        self._free: list[bytearray] = []
+        self._free_lock = threading.Lock()
+        self._buf: bytearray | None = None
+        self._fill = 0
+        self._part_number = 0
+        self._size = 0
+        self._crc = 0
+        self._upload_id: str | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future[None]] = []
+        self._parts: dict[int, dict[str, Any]] = {}
+        self._error: BaseException | None = None
+        self._result: UploadResult | None = None
+        self._aborted = False
+
+    # -- io.RawIOBase -------------------------------------------------------------------------------------
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        """Buffer ``data`` and send every part that fills up. Blocks while all upload slots are busy."""
+        if self.closed:
+            raise ValueError(f"write to closed MultipartWriter for s3://{self.bucket}/{self.key}")
+        self._raise_pending()
+        view = memoryview(data).cast("B")
+        total = len(view)
+        self._crc = _crc32c.crc32c(view, self._crc)
+        pos = 0
+        while pos < total:
+            if self._buf is None:
+                self._buf = self._take_buffer(self._current_part_size())
+                self._fill = 0
+            room = len(self._buf) - self._fill
+            n = min(room, total - pos)
+            self._buf[self._fill : self._fill + n] = view[pos : pos + n]
+            self._fill += n
+            pos += n
+            if self._fill == len(self._buf):
+                self._send_full_buffer()
+        self._size += total
+        return total
+
+    def close(self) -> None:
+        """Finish the upload (Complete, or one PUT for a small object). Idempotent."""
+        if self.closed:
+            return
+        try:
+            if not self._aborted:
+                self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            super().close()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+            super().close()
+        else:
+            self.close()
+
+    # -- public --------------------------------------------------------------------------------------------
+
+    @property
+    def result(self) -> UploadResult:
+        """The finished upload; available after a successful :meth:`close`."""
+        if self._result is None:
+            raise RuntimeError("upload not finished: close() the writer first")
+        return self._result
+
+    @property
+    def bytes_written(self) -> int:
+        return self._size
+
+    def abort(self) -> None:
+        """Abandon the upload: stop sending parts and abort the multipart upload on the store."""
+        if self._aborted:
+            return
+        self._aborted = True
+        self._error = self._error or S3TransferError(f"upload to s3://{self.bucket}/{self.key} was aborted")
+        self._drain(cancel=True)
+        if self._upload_id is not None:
+            try:
+                ops.abort_upload(self._t, self.bucket, self.key, self._upload_id)
+                # Parts still arriving when the abort lands can resurrect an upload on some stores; AWS
+                # advises checking, so look once more.
+                for pending in ops.list_uploads(self._t, self.bucket, self.key):
+                    if pending.upload_id == self._upload_id and pending.key == self.key:
+                        ops.abort_upload(self._t, self.bucket, self.key, self._upload_id)
+            except S3CheckpointError as exc:
+                log.warning(
+                    "could not abort multipart upload %s of s3://%s/%s: %s (a lifecycle rule or "
+                    "`s3ckpt gc` will clean it up)",
+                    self._upload_id,
+                    self.bucket,
+                    self.key,
+                    exc,
+                )
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _current_part_size(self) -> int:
+        step = (self._part_number) // _PARTS_PER_SIZE_STEP
+        return int(min(self._base_part * (2**step), 5 * 1024 * MiB))
+
+    def _take_buffer(self, size: int) -> bytearray:
+        with self._free_lock:
+            while self._free:
+                buf = self._free.pop()
+                if len(buf) == size:
+                    return buf
+        return bytearray(size)
+
+    def _return_buffer(self, buf: bytearray) -> None:
+        with self._free_lock:
+            if len(self._free) <= self._concurrency:
+                self._free.append(buf)
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _ensure_upload(self) -> str:
+        if self._upload_id is None:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "Metadata": self._metadata}
+            if self._checksums:
+                kwargs["ChecksumAlgorithm"] = "CRC32C"
+                kwargs["ChecksumType"] = "FULL_OBJECT"
+            resp = self._t.call(
+                "CreateMultipartUpload", self.bucket, self.key, lambda c: c.create_multipart_upload(**kwargs)
+            )
+            self._upload_id = str(resp["UploadId"])
+            self._pool = ThreadPoolExecutor(self._concurrency, thread_name_prefix="s3ckpt-upload")
+        return self._upload_id
+
+    def _send_full_buffer(self) -> None:
+        assert self._buf is not None
+        buf, n = self._buf, self._fill
+        self._buf, self._fill = None, 0
+        self._submit(buf, n)
+
+    def _submit(self, buf: bytearray, n: int) -> None:
+        upload_id = self._ensure_upload()
+        self._part_number += 1
+        number = self._part_number
+        if number > MAX_PARTS:
+            raise S3TransferError(f"s3://{self.bucket}/{self.key}: more than {MAX_PARTS} parts; raise chunk_size_MB")
+        # The slot is taken on the writer thread, so a fast serializer waits here instead of queuing
+        # unbounded buffers: this is what bounds memory to (concurrency + 1) parts.
+        self._slots.acquire()
+        self._raise_pending_release()
+        assert self._pool is not None
+        self._futures.append(self._pool.submit(self._upload_part, upload_id, number, buf, n))
+
+    def _raise_pending_release(self) -> None:
+        if self._error is not None:
+            self._slots.release()
+            raise self._error
+
+    def _upload_part(self, upload_id: str, number: int, buf: bytearray, n: int) -> None:
+        try:
+            if self._error is not None:
+                return
+            body = buf if n == len(buf) else memoryview(buf)[:n].tobytes()
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": self.key,
+                "UploadId": upload_id,
+                "PartNumber": number,
+                "Body": body,
+            }
+            entry: dict[str, Any] = {"PartNumber": number}
+            if self._checksums:
+                crc = ops.crc32c_b64(_crc32c.crc32c(body))
+                kwargs["ChecksumCRC32C"] = crc
+                entry["ChecksumCRC32C"] = crc
+            resp = self._t.call("UploadPart", self.bucket, self.key, lambda c: c.upload_part(**kwargs))
+            entry["ETag"] = resp["ETag"]
+            self._parts[number] = entry
+            if self._progress is not None:
+                self._progress(n)
+        except BaseException as exc:
+            if self._error is None:
+                self._error = exc
+        finally:
+            self._return_buffer(buf)
+            self._slots.release()
+
+    def _drain(self, cancel: bool = False) -> None:
+        for fut in self._futures:
+            if cancel:
+                fut.cancel()
+        for fut in self._futures:
+            if not fut.cancelled():
+                fut.result()
+        self._futures.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            self._pool = None
+
+    def _finish(self) -> None:
+        if self._upload_id is None:
+            # Below one part: a single PUT, no multipart overhead.
+            data = bytes(memoryview(self._buf)[: self._fill]) if self._buf is not None else b""
+            self._buf = None
+            try:
+                etag = ops.put_bytes(
+                    self._t,
+                    self.bucket,
+                    self.key,
+                    data,
+                    metadata=self._metadata,
+                    if_none_match=self._if_none_match,
+                )
+            except ConflictError as exc:
+                raise ConflictError(
+                    f"s3://{self.bucket}/{self.key} already exists (written by another writer)"
+                ) from exc
+            if self._progress is not None:
+                self._progress(len(data))
+            self._result = UploadResult(self.bucket, self.key, self._size, etag, self._crc, 0, self.nonce)
+            return
+        if self._fill or self._part_number == 0:
+            assert self._buf is not None
+            self._submit(self._buf, self._fill)
+            self._buf, self._fill = None, 0
+        self._drain()
+        self._raise_pending()
+        etag = self._complete()
+        self._result = UploadResult(self.bucket, self.key, self._size, etag, self._crc, self._part_number, self.nonce)
+        log.debug("uploaded s3://%s/%s: %d bytes in %d parts", self.bucket, self.key, self._size, self._part_number)
+
+    def _complete(self) -> str:
+        upload_id = self._upload_id
+        assert upload_id is not None
+        parts = [self._parts[i] for i in sorted(self._parts)]
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self.key,
+            "UploadId": upload_id,
+            "MultipartUpload": {"Parts": parts},
+        }
+        if self._checksums:
+            kwargs["ChecksumCRC32C"] = ops.crc32c_b64(self._crc)
+            kwargs["ChecksumType"] = "FULL_OBJECT"
+        if self._if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        attempts = 0
+
+        def complete(c: Any) -> dict[str, Any]:
+            nonlocal attempts
+            attempts += 1
+            return dict(c.complete_multipart_upload(**kwargs))
+
+        try:
+            resp = self._t.call("CompleteMultipartUpload", self.bucket, self.key, complete)
+        except (S3NotFoundError, ConflictError) as exc:
+            # A retried Complete whose first response was lost: the store may answer NoSuchUpload (MinIO) or
+            # 412 (a conditional retry on SeaweedFS) although our object is in place. Decide by the nonce.
+            if attempts > 1:
+                etag = self._confirm_completed()
+                if etag is not None:
+                    log.info(
+                        "CompleteMultipartUpload s3://%s/%s: response was lost, object confirmed",
+                        self.bucket,
+                        self.key,
+                    )
+                    self._upload_id = None
+                    return etag
+            if isinstance(exc, ConflictError):
+                raise ConflictError(
+                    f"s3://{self.bucket}/{self.key} already exists (written by another writer)"
+                ) from exc
+            raise
+        self._upload_id = None  # completed: nothing left to abort
+        return str(resp.get("ETag", ""))
+
+    def _confirm_completed(self) -> str | None:
+        try:
+            info = ops.head(self._t, self.bucket, self.key)
+        except S3NotFoundError:
+            return None
+        if info.metadata.get(NONCE_META) == self.nonce and info.size == self._size:
+            return info.etag
+        return None
+
+
+def error_is_precondition(exc: BaseException) -> bool:
+    """True if ``exc`` (or its cause) is a failed conditional write."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return isinstance(exc, ConflictError) or error_code(cause) in ("PreconditionFailed", "412")
