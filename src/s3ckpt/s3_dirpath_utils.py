@@ -120,7 +120,10 @@ def parse_s3_url(url: str, *, require_key: bool = False) -> tuple[str, str]:
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise ValueError(f"S3 URL {url!r} has no bucket; expected 's3://<bucket>/<key>'")
-    validate_bucket_name(bucket)
+    try:
+        validate_bucket_name(bucket)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (in {url!r})") from None
     validate_key(key, allow_empty=not require_key, url=url)
     return bucket, key
 

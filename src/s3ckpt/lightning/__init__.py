@@ -1,0 +1,16 @@
+"""Lightning integration: ``S3CheckpointIO``, ``S3ModelCheckpoint`` and resume helpers.
+
+Importing this package imports ``lightning`` at once, so a missing extra fails here with a clear message
+instead of deep inside a training run.
+"""
+
+try:
+    import lightning  # noqa: F401
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test with lightning hidden
+    raise ModuleNotFoundError(
+        "s3ckpt.lightning needs the 'lightning' package: pip install 's3ckpt[lightning]'"
+    ) from exc
+
+from .checkpoint_io import S3CheckpointIO, SaveRecord
+
+__all__ = ["S3CheckpointIO", "SaveRecord"]

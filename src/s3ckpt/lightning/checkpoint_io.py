@@ -1,0 +1,272 @@
+"""``S3CheckpointIO``: Lightning's ``CheckpointIO`` for ``s3://`` paths, sync or async.
+
+Constructed exactly as NeMo documents it::
+
+    S3CheckpointIO(dirpath="s3://bucket/run", chunk_size_MB=64, max_read_concurrency=15,
+                   max_write_concurrency=10, async_checkpointing=False)
+
+and passed as ``Trainer(plugins=[io])`` or ``DDPStrategy(checkpoint_io=io)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from typing_extensions import override
+
+from .. import checkpoint as ck
+from ..async_saver import AsyncSaver
+from ..config import ClientConfig, RetryConfig, TransferConfig
+from ..errors import ConfigError
+from ..s3_dirpath_utils import is_s3_url, parse_s3_url
+from ..serialization import clone_to_host
+from ..transport.context import S3Transport
+
+__all__ = ["S3CheckpointIO", "SaveRecord"]
+
+log = logging.getLogger(__name__)
+
+# NeMo's `s3_checkpointing` section, key for key.
+_CONFIG_KEYS = ("chunk_size_MB", "max_read_concurrency", "max_write_concurrency", "enable_async_checkpointing")
+
+
+@dataclass(frozen=True)
+class SaveRecord:
+    """Timing of one checkpoint save, for logging callbacks and benchmarks."""
+
+    path: str
+    bytes: int
+    stall_s: float
+    """Seconds ``save_checkpoint`` blocked the caller (the whole save when synchronous)."""
+    save_s: float
+    """Seconds from the call until the checkpoint was committed on S3."""
+    committed_at: float
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.save_s / 1e9 if self.save_s > 0 else 0.0
+
+
+def to_url(path: str | os.PathLike[str]) -> str:
+    """``str`` of a path, repairing ``s3:/bucket`` that ``pathlib`` makes of ``s3://bucket``."""
+    text = os.fspath(path)
+    if isinstance(path, PurePath) and text.startswith("s3:/") and not text.startswith("s3://"):
+        text = "s3://" + text[len("s3:/") :]
+    return text
+
+
+class S3CheckpointIO(CheckpointIO):
+    """Saves and loads Lightning checkpoints on S3.
+
+    Args:
+        dirpath: ``s3://bucket/prefix`` where checkpoints live (validated here; saves may name any
+            ``s3://`` path).
+        chunk_size_MB: multipart part size in MiB (5-5120).
+        max_read_concurrency: ranged GETs in flight per load.
+        max_write_concurrency: parts in flight per save.
+        async_checkpointing: return from ``save_checkpoint`` once the state is snapshotted into host memory
+            and upload in the background (see :mod:`s3ckpt.async_saver` for the guarantees).
+        max_pending_saves: async only: saves queued or running at once before a new one waits.
+        client: endpoint, region, credentials; default from the environment.
+        retry: retry policy; default from the environment.
+        verify: check each checkpoint's CRC32C before unpickling (``"require"`` refuses unverifiable ones).
+
+    Raises:
+        ValueError: ``dirpath`` is not an ``s3://`` URL, or a knob is out of range.
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        chunk_size_MB: int = 64,
+        max_read_concurrency: int = 15,
+        max_write_concurrency: int = 10,
+        async_checkpointing: bool = False,
+        *,
+        max_pending_saves: int = 1,
+        client: ClientConfig | None = None,
+        retry: RetryConfig | None = None,
+        verify: bool | str = True,
+    ) -> None:
+        super().__init__()
+        if not is_s3_url(dirpath):
+            raise ValueError(
+                f"S3CheckpointIO(dirpath={dirpath!r}): dirpath must be an s3:// URL such as 's3://bucket/run1'; "
+                "for local paths use Lightning's default TorchCheckpointIO"
+            )
+        parse_s3_url(dirpath)
+        self.dirpath = dirpath
+        self.transfer = TransferConfig(
+            chunk_size_MB=chunk_size_MB,
+            max_read_concurrency=max_read_concurrency,
+            max_write_concurrency=max_write_concurrency,
+        )
+        self.async_checkpointing = bool(async_checkpointing)
+        self.verify = verify
+        self.transport = S3Transport.create(client=client, retry=retry, transfer=self.transfer)
+        self._saver = AsyncSaver(max_pending_saves) if self.async_checkpointing else None
+        self._records_lock = threading.Lock()
+        self.records: list[SaveRecord] = []
+
+    @classmethod
+    def from_config(cls, cfg: Any, dirpath: str, **kwargs: Any) -> S3CheckpointIO:
+        """Build from NeMo's ``s3_checkpointing`` section (a dict or an OmegaConf node).
+
+        Raises:
+            ConfigError: an unknown key, naming it and the known ones.
+        """
+        raw = _to_dict(cfg)
+        unknown = sorted(set(raw) - set(_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown s3_checkpointing key(s) {unknown}; known keys: {list(_CONFIG_KEYS)}")
+        args = {k: raw[k] for k in _CONFIG_KEYS[:3] if k in raw}
+        if "enable_async_checkpointing" in raw:
+            args["async_checkpointing"] = bool(raw["enable_async_checkpointing"])
+        return cls(dirpath, **args, **kwargs)
+
+    # -- CheckpointIO ----------------------------------------------------------------------------------
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` to ``path`` (an ``s3://`` URL).
+
+        Synchronous: returns when the checkpoint is committed. Async: returns once the tensors are copied
+        to host memory; a failure of an earlier background save is raised here.
+
+        Raises:
+            TypeError: ``storage_options`` given (there are none yet).
+        """
+        if storage_options is not None:
+            raise TypeError(
+                f"S3CheckpointIO.save_checkpoint got storage_options={storage_options!r}, but it takes none; "
+                "configure transfers on the S3CheckpointIO constructor"
+            )
+        url = self._url(path)
+        start = time.perf_counter()
+        if self._saver is None:
+            stats = ck.save(checkpoint, url, transport=self.transport)
+            elapsed = time.perf_counter() - start
+            self._record(SaveRecord(url, stats.bytes, elapsed, elapsed, time.time()))
+            return
+        saver = self._saver
+        saver.raise_if_failed()
+        saver.wait_for_room()
+        # Snapshot on the caller's thread: training may change the tensors as soon as we return.
+        snapshot = clone_to_host(checkpoint, pin_memory=True)
+        stall = time.perf_counter() - start
+
+        def upload() -> None:
+            stats = ck.save(snapshot, url, transport=self.transport)
+            self._record(SaveRecord(url, stats.bytes, stall, time.perf_counter() - start, time.time()))
+
+        saver.submit_save(url, upload)
+
+    @override
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Load the checkpoint at ``path``, verifying its checksum before unpickling.
+
+        ``map_location=None`` loads onto the CPU, as Lightning's ``TorchCheckpointIO`` does;
+        ``weights_only=None`` lets torch decide (``True`` since torch 2.6).
+
+        Raises:
+            FileNotFoundError: (``CheckpointNotFoundError``) nothing at ``path``.
+            CheckpointCorruptedError: the bytes do not match the checksum recorded at save time.
+        """
+        url = self._url(path)
+        if self._saver is not None:
+            self._saver.wait_for(url)
+        result = ck.load(
+            url,
+            map_location=map_location if map_location is not None else "cpu",
+            weights_only=weights_only,
+            transport=self.transport,
+            verify=self.verify,
+        )
+        if not isinstance(result, dict):
+            raise TypeError(f"{url} holds a {type(result).__name__}, not a Lightning checkpoint dict")
+        return result
+
+    @override
+    def remove_checkpoint(self, path: Any) -> None:
+        """Delete the checkpoint at ``path``. Async: only after every pending save has committed, and not
+        at all if one of them failed (the old checkpoint is then the last good one)."""
+        url = self._url(path)
+        if self._saver is None:
+            ck.delete(url, transport=self.transport)
+            return
+        self._saver.submit_removal(url, lambda: ck.delete(url, transport=self.transport))
+
+    @override
+    def teardown(self) -> None:
+        """Wait for every pending save and removal; raise the first background failure."""
+        if self._saver is not None:
+            self._saver.close()
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until background work is done (raises a stored failure). A no-op when synchronous."""
+        if self._saver is not None:
+            self._saver.wait()
+
+    @property
+    def cancelled_removals(self) -> list[str]:
+        """Paths whose removal was cancelled because a save it waited for failed."""
+        return list(self._saver.cancelled_removals) if self._saver is not None else []
+
+    def _record(self, record: SaveRecord) -> None:
+        with self._records_lock:
+            self.records.append(record)
+        log.info(
+            "saved %s: %.1f MB in %.2f s (%.3f GB/s), training stalled %.2f s",
+            record.path,
+            record.bytes / 1e6,
+            record.save_s,
+            record.gbps,
+            record.stall_s,
+        )
+
+    def _url(self, path: Any) -> str:
+        url = to_url(path)
+        if not is_s3_url(url):
+            raise ValueError(
+                f"S3CheckpointIO got a non-S3 path {url!r}; set the checkpoint dirpath to an s3:// URL "
+                f"(this plugin was configured with {self.dirpath!r})"
+            )
+        parse_s3_url(url, require_key=True)
+        return url
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_saver"] = None if self._saver is None else AsyncSaver(self._saver.max_pending)
+        state["_records_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._records_lock = threading.Lock()
+
+
+def _to_dict(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    try:
+        from omegaconf import OmegaConf
+    except ImportError as exc:
+        raise ConfigError(f"s3_checkpointing config must be a mapping, got {type(cfg).__name__}") from exc
+    container = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(container, dict):
+        raise ConfigError(f"s3_checkpointing config must be a mapping, got {type(container).__name__}")
+    return {str(k): v for k, v in container.items()}
