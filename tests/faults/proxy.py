@@ -589,6 +589,7 @@ class _Handler(BaseHTTPRequestHandler):
                     pass
             except (OSError, http.client.HTTPException):
                 self._close_upstream()
+            resp.close()
             if resp.will_close:
                 self._close_upstream()
             self._reset()
@@ -630,6 +631,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._close_upstream()
             self._close_client()
         else:
+            resp.close()  # fully read: frees the upstream connection for the next request
             if chunked:
                 self._write(b"0\r\n\r\n")
             if resp.will_close:
