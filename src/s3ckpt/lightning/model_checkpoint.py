@@ -1,0 +1,213 @@
+"""``S3ModelCheckpoint``: Lightning's ``ModelCheckpoint`` for ``dirpath="s3://..."``, without ``s3fs``.
+
+Drop-in: every ``ModelCheckpoint`` argument (``save_top_k``, ``save_last``, ``monitor``,
+``every_n_train_steps``, ...) means the same. What changes on S3:
+
+* Existence checks, listings and ``best_k_models.yaml`` go through :class:`~s3ckpt.lightning.fs.S3FileSystem`
+  on the trainer's :class:`~s3ckpt.lightning.S3CheckpointIO` transport (one client configuration).
+* Top-k never deletes the checkpoint the run resumed from, nor anything outside ``dirpath`` (Lightning
+  applies that rule to local paths only). Deletions go through ``trainer.strategy.remove_checkpoint``, so
+  in async mode the plugin defers them until the newer save has committed.
+* ``trainer.fit(ckpt_path="last")`` finds ``last*.ckpt`` on S3 and keeps the ``s3://`` URL intact.
+* ``dirpath`` may be left out: the plugin's ``dirpath`` is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from typing_extensions import override
+
+from ..s3_dirpath_utils import is_s3_url, parse_s3_url
+from ..transport import ops
+from .checkpoint_io import S3CheckpointIO, to_url
+from .fs import S3FileSystem
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["S3ModelCheckpoint", "find_s3_checkpoint_io"]
+
+
+def find_s3_checkpoint_io(trainer: pl.Trainer) -> S3CheckpointIO | None:
+    """The trainer's :class:`S3CheckpointIO`, looking through wrappers such as Lightning's
+    ``AsyncCheckpointIO``; ``None`` if it uses another plugin."""
+    plugin: Any = trainer.strategy.checkpoint_io
+    for _ in range(8):
+        if isinstance(plugin, S3CheckpointIO):
+            return plugin
+        plugin = getattr(plugin, "checkpoint_io", None)
+        if plugin is None:
+            break
+    return None
+
+
+def _normalize_dirpath(dirpath: Any, owner: str) -> str:
+    url = to_url(dirpath)
+    if not is_s3_url(url):
+        raise ValueError(
+            f"{owner}(dirpath={url!r}): dirpath must be an s3:// URL such as 's3://bucket/run1'; "
+            "for local paths use Lightning's ModelCheckpoint"
+        )
+    parse_s3_url(url)
+    # One spelling, so the dirpath stored in a checkpoint matches on resume (Lightning compares strings).
+    return url.rstrip("/") if url.rstrip("/") != "s3:/" else url
+
+
+class _ResolvedS3Path(str):
+    """An ``s3://`` URL found by :meth:`S3ModelCheckpoint._find_last_checkpoints`, carrying the filesystem
+    that listed it, so Lightning's checkpoint connector asks that filesystem for its timestamp."""
+
+    fs: S3FileSystem
+
+    @classmethod
+    def of(cls, url: str, fs: S3FileSystem) -> _ResolvedS3Path:
+        path = cls(url)
+        path.fs = fs
+        return path
+
+
+_hook_lock = threading.Lock()
+_HOOK_MARK = "_s3ckpt_resolved_path_hook"
+
+
+def _install_connector_hook() -> None:
+    """Let Lightning's ``ckpt_path="last"`` resolution read timestamps of the URLs we return.
+
+    The connector calls ``get_filesystem(path).modified(path)`` on every candidate, and for ``s3://`` fsspec
+    would import ``s3fs``. The wrapper answers only for :class:`_ResolvedS3Path` (which only our
+    ``_find_last_checkpoints`` creates) and passes every other path to Lightning's function unchanged.
+    """
+    from lightning.pytorch.trainer.connectors import checkpoint_connector as connector
+
+    with _hook_lock:
+        original = connector.get_filesystem
+        if getattr(original, _HOOK_MARK, False):
+            return
+
+        @functools.wraps(original)
+        def get_filesystem(path: Any, **kwargs: Any) -> Any:
+            if isinstance(path, _ResolvedS3Path):
+                return path.fs
+            return original(path, **kwargs)
+
+        setattr(get_filesystem, _HOOK_MARK, True)
+        connector.get_filesystem = get_filesystem
+
+
+class S3ModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for ``s3://`` directories.
+
+    Args:
+        dirpath: ``s3://bucket/prefix`` for the checkpoints; default: the ``S3CheckpointIO`` plugin's dirpath.
+        *args, **kwargs: as :class:`lightning.pytorch.callbacks.ModelCheckpoint`.
+
+    Raises:
+        ValueError: ``dirpath`` is not an ``s3://`` URL, or ``save_last="link"`` (S3 has no links).
+
+    Example::
+
+        io = S3CheckpointIO("s3://bucket/run1", async_checkpointing=True)
+        ckpt = S3ModelCheckpoint(monitor="val_loss", save_top_k=2, save_last=True)
+        trainer = Trainer(plugins=[io], callbacks=[ckpt])
+        trainer.fit(model, ckpt_path="last")
+    """
+
+    def __init__(self, dirpath: Any = None, *args: Any, **kwargs: Any) -> None:
+        url = _normalize_dirpath(dirpath, type(self).__name__) if dirpath is not None else None
+        # No dirpath for Lightning: its own handling asks fsspec for an "s3" filesystem, which needs s3fs.
+        super().__init__(None, *args, **kwargs)
+        if self.save_last == "link":
+            raise ValueError(
+                f"{type(self).__name__}(save_last='link'): S3 has no symbolic links; use save_last=True "
+                "(Lightning allows 'link' only for local file paths)"
+            )
+        self.dirpath = url
+        # Bound to the trainer's plugin transport in setup (and when resolving ckpt_path="last").
+        self._fs = S3FileSystem()
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Not super().setup(): it replaces self._fs with fsspec's "s3" filesystem (s3fs).
+        self._fs = self._filesystem(trainer)
+        if find_s3_checkpoint_io(trainer) is None:
+            rank_zero_warn(
+                f"{type(self).__name__} is used without S3CheckpointIO: checkpoints are written by "
+                f"{type(trainer.strategy.checkpoint_io).__name__}, which needs s3fs for s3:// paths and does "
+                "not verify them on load. Pass Trainer(plugins=[S3CheckpointIO(...)])."
+            )
+        self.dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer))
+        if trainer.is_global_zero and stage == "fit":
+            self._check_dirpath(self.dirpath)
+        # As NeMo's NeMoModelCheckpoint: rank 0 may be the only rank that set the resume path or knows the
+        # last checkpoint, and every rank must agree. Assigned only when it differs, because the setter
+        # also marks the path as user-managed.
+        ckpt_path = trainer.strategy.broadcast(trainer.ckpt_path)
+        if ckpt_path != trainer.ckpt_path:
+            trainer.ckpt_path = ckpt_path
+        self.last_model_path = trainer.strategy.broadcast(self.last_model_path)
+
+    def _filesystem(self, trainer: pl.Trainer) -> S3FileSystem:
+        plugin = find_s3_checkpoint_io(trainer)
+        return S3FileSystem(plugin.transport if plugin is not None else None)
+
+    def _resolve_dirpath(self, trainer: pl.Trainer) -> str:
+        if self.dirpath is not None:
+            return _normalize_dirpath(self.dirpath, type(self).__name__)
+        plugin = find_s3_checkpoint_io(trainer)
+        if plugin is None:
+            raise ValueError(
+                f"{type(self).__name__} has no dirpath: pass dirpath='s3://bucket/prefix' or use "
+                "Trainer(plugins=[S3CheckpointIO(dirpath=...)])"
+            )
+        return _normalize_dirpath(plugin.dirpath, type(self).__name__)
+
+    def _check_dirpath(self, dirpath: str) -> None:
+        bucket, _ = parse_s3_url(dirpath)
+        # Fail before training, not at the first save an hour later.
+        ops.check_bucket(self._fs.transport, bucket)
+        if self.save_top_k != 0 and self._fs.isdir(dirpath) and self._fs.ls(dirpath, detail=False):
+            rank_zero_warn(f"Checkpoint directory {dirpath} exists and is not empty.")
+
+    # -- Lightning internals that assume a local filesystem -----------------------------------------------
+
+    @override
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        """``last*.ckpt`` URLs in the checkpoint directory, ``s3://`` kept (Lightning's own lookup runs
+        them through ``os.path.normpath``, which makes ``s3:/bucket/...``)."""
+        fs = self._filesystem(trainer)
+        self._fs = fs
+        dirpath = self._resolve_dirpath(trainer)
+        if not fs.exists(dirpath):
+            return set()
+        pattern = rf"^{self.CHECKPOINT_NAME_LAST}(-(\d+))?"
+        found: set[str] = set()
+        for name in fs.ls(dirpath, detail=False):
+            stem, ext = os.path.splitext(str(name).rsplit("/", 1)[-1])
+            if ext == self.FILE_EXTENSION and re.match(pattern, stem):
+                found.add(_ResolvedS3Path.of(fs.unstrip_protocol(name), fs))
+        if found:
+            _install_connector_hook()
+        return found
+
+    @override
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        """Whether top-k may delete ``previous``: never the resumed-from checkpoint, never outside dirpath."""
+        if not is_s3_url(to_url(previous)):
+            return super()._should_remove_checkpoint(trainer, previous, current)
+        prev, cur = to_url(previous).rstrip("/"), to_url(current).rstrip("/")
+        if prev == cur:
+            return False
+        resumed = trainer.ckpt_path
+        if resumed is not None and to_url(resumed).rstrip("/") == prev:
+            return False
+        dirpath = self._resolve_dirpath(trainer)
+        return prev.startswith(dirpath + "/")
