@@ -11,6 +11,16 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
         "s3ckpt.lightning needs the 'lightning' package: pip install 's3ckpt[lightning]'"
     ) from exc
 
+from .callbacks import S3CheckpointMetrics
 from .checkpoint_io import S3CheckpointIO, SaveRecord
+from .fs import S3FileSystem
+from .model_checkpoint import S3ModelCheckpoint, find_s3_checkpoint_io
 
-__all__ = ["S3CheckpointIO", "SaveRecord"]
+__all__ = [
+    "S3CheckpointIO",
+    "S3CheckpointMetrics",
+    "S3FileSystem",
+    "S3ModelCheckpoint",
+    "SaveRecord",
+    "find_s3_checkpoint_io",
+]

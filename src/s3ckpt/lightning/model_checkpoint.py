@@ -21,7 +21,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from ..s3_dirpath_utils import is_s3_url, parse_s3_url
@@ -57,7 +57,7 @@ def _normalize_dirpath(dirpath: Any, owner: str) -> str:
         )
     parse_s3_url(url)
     # One spelling, so the dirpath stored in a checkpoint matches on resume (Lightning compares strings).
-    return url.rstrip("/") if url.rstrip("/") != "s3:/" else url
+    return url.rstrip("/")
 
 
 class _ResolvedS3Path(str):
@@ -87,7 +87,7 @@ def _install_connector_hook() -> None:
     from lightning.pytorch.trainer.connectors import checkpoint_connector as connector
 
     with _hook_lock:
-        original = connector.get_filesystem
+        original = getattr(connector, "get_filesystem")  # noqa: B009 - private name, not re-exported
         if getattr(original, _HOOK_MARK, False):
             return
 
@@ -98,7 +98,7 @@ def _install_connector_hook() -> None:
             return original(path, **kwargs)
 
         setattr(get_filesystem, _HOOK_MARK, True)
-        connector.get_filesystem = get_filesystem
+        setattr(connector, "get_filesystem", get_filesystem)  # noqa: B010 - see above
 
 
 class S3ModelCheckpoint(ModelCheckpoint):
