@@ -70,12 +70,15 @@ class AsyncSaver:
             self._pending_saves[seq] = label
         return self._submit(self._run_save, seq, label, fn)
 
-    def submit_removal(self, label: str, fn: Callable[[], Any]) -> Future[Any]:
-        """Queue ``fn`` to run once every save it depends on has committed; cancelled if one failed."""
+    def submit_removal(
+        self, label: str, fn: Callable[[], Any], on_cancel: Callable[[], Any] | None = None
+    ) -> Future[Any]:
+        """Queue ``fn`` to run once every save it depends on has committed; if one failed, ``fn`` never runs
+        and ``on_cancel`` is called instead."""
         with self._cond:
             self._seq += 1
             deps = set(self._pending_saves) | {seq for seq, _ in self._unseen}
-        return self._submit(self._run_removal, deps, label, fn)
+        return self._submit(self._run_removal, deps, label, fn, on_cancel)
 
     def is_pending(self, label: str) -> bool:
         with self._cond:
@@ -152,13 +155,17 @@ class AsyncSaver:
                 self._cond.notify_all()
         return result
 
-    def _run_removal(self, deps: set[int], label: str, fn: Callable[[], Any]) -> Any:
+    def _run_removal(
+        self, deps: set[int], label: str, fn: Callable[[], Any], on_cancel: Callable[[], Any] | None
+    ) -> Any:
         with self._cond:
             failed = sorted(seq for seq in deps if seq in self._failed)
         if failed:
             log.warning("not removing %s: a save it was waiting for failed, so the older checkpoint is kept", label)
             with self._cond:
                 self.cancelled_removals.append(label)
+            if on_cancel is not None:
+                on_cancel()
             return None
         try:
             return fn()

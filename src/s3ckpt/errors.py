@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "ConflictError",
+    "ResumeError",
     "S3AccessDeniedError",
     "S3CheckpointError",
     "S3NotFoundError",
@@ -55,3 +56,7 @@ class CheckpointCorruptedError(S3CheckpointError, ValueError):
 
 class UnsafeCheckpointError(S3CheckpointError, ValueError):
     """``weights_only=True`` refused to unpickle an object that could run code."""
+
+
+class ResumeError(S3CheckpointError, ValueError):
+    """The resume rules refuse the checkpoints found (e.g. a ``*end.ckpt`` says the run already finished)."""

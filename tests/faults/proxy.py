@@ -202,9 +202,10 @@ class Fault:
         return self.count is not None and self.injected >= self.count
 
 
-@dataclass(frozen=True)
+@dataclass
 class LogEntry:
-    """One request seen by the proxy.
+    """One request seen by the proxy. Logged when its headers arrive; ``status`` is filled in before the
+    client receives any byte of the response, so a client that got an answer always finds its entry complete.
 
     Attributes:
         time: ``time.monotonic()`` when the request headers arrived.
@@ -377,7 +378,7 @@ class FaultProxy:
 
     @property
     def log(self) -> list[LogEntry]:
-        """Every request seen so far, in order of completion (a copy)."""
+        """Every request seen so far, in order of arrival (a copy of the list; treat entries as read-only)."""
         with self._lock:
             return list(self._log)
 
@@ -526,16 +527,16 @@ class _Handler(BaseHTTPRequestHandler):
         arrived = time.monotonic()
         kind = classify(self.command, self.path)
         fault = proxy._pick(kind, self.path)
-        action = fault.action if fault is not None else None
-        status: int | None = None
+        self._entry = LogEntry(arrived, kind, self.command, self.path, fault.action if fault else None, None)
+        proxy._record(self._entry)
         try:
             if fault is None:
-                status = self._forward(None)
+                self._forward(None)
             elif fault.action == "delay":
                 time.sleep(fault.delay_s)
-                status = self._forward(None)
+                self._forward(None)
             elif fault.action in _ERRORS:
-                status = self._reply_error(fault.action)
+                self._reply_error(fault.action)
             elif fault.action == "reset" and self._reset_in_request(fault):
                 self._send_continue()
                 limit = fault.after_bytes if fault.after_bytes is not None else self._request_length() // 2
@@ -546,20 +547,18 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                 self._reset()
             else:
-                status = self._forward(fault)
+                self._forward(fault)
         except _ClientGone:
             self.close_connection = True
             self._close_upstream()
-        finally:
-            proxy._record(LogEntry(arrived, kind, self.command, self.path, action, status))
 
     def _reset_in_request(self, fault: Fault) -> bool:
         if fault.where == "auto":
             return self._has_body()
         return fault.where == "request"
 
-    def _forward(self, fault: Fault | None) -> int | None:
-        """Send the request upstream and relay the response (faulted as ``fault`` says). Returns its status."""
+    def _forward(self, fault: Fault | None) -> None:
+        """Send the request upstream and relay the response (faulted as ``fault`` says)."""
         action = fault.action if fault is not None else None
         try:
             conn = self._upstream_connection()
@@ -570,7 +569,8 @@ class _Handler(BaseHTTPRequestHandler):
             conn.endheaders()
         except (OSError, http.client.HTTPException) as exc:
             self._close_upstream()
-            return self._reply_bad_gateway(exc)
+            self._reply_bad_gateway(exc)
+            return
         self._send_continue()
         try:
             for piece in self._request_body():
@@ -580,7 +580,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         except (OSError, http.client.HTTPException) as exc:
             self._close_upstream()
-            return self._reply_bad_gateway(exc)
+            self._reply_bad_gateway(exc)
+            return
+        self._entry.status = resp.status
 
         if action == "drop_response":
             # The server has processed the request; read its answer, then lose it.
@@ -593,7 +595,7 @@ class _Handler(BaseHTTPRequestHandler):
             if resp.will_close:
                 self._close_upstream()
             self._reset()
-            return resp.status
+            return
 
         chunked = bool(resp.chunked)
         until_close = not chunked and resp.length is None
@@ -623,7 +625,7 @@ class _Handler(BaseHTTPRequestHandler):
             # The server broke off mid-body: pass the damage on to the client.
             self._close_upstream()
             self._close_client()
-            return resp.status
+            return
         if action == "reset":
             self._close_upstream()
             self._reset()
@@ -636,11 +638,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._write(b"0\r\n\r\n")
             if resp.will_close:
                 self._close_upstream()
-        return resp.status
 
     # -- replies made by the proxy itself -----------------------------------------------------------------
 
-    def _reply_error(self, action: str) -> int:
+    def _reply_error(self, action: str) -> None:
         """Answer with AWS's XML error for ``action`` without forwarding the request."""
         status, reason, code, message = _ERRORS[action]
         # A client waiting for "100 Continue" has not sent the body: answer at once and close the connection
@@ -653,17 +654,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_xml_error(status, reason, code, message)
         if self.close_connection:
             self._lingering_close()
-        return status
 
-    def _reply_bad_gateway(self, exc: BaseException) -> int:
+    def _reply_bad_gateway(self, exc: BaseException) -> None:
         """The upstream failed before answering: a 502, and the client connection closed after it."""
         self.close_connection = True
         try:
             self._send_xml_error(502, "Bad Gateway", "BadGateway", f"upstream failed: {type(exc).__name__}")
         except _ClientGone:
-            return 502
+            return
         self._lingering_close()
-        return 502
 
     def _send_xml_error(self, status: int, reason: str, code: str, message: str) -> None:
         request_id = uuid.uuid4().hex[:16].upper()
@@ -673,6 +672,7 @@ class _Handler(BaseHTTPRequestHandler):
             f"<Resource>{escape(urlsplit(self.path).path)}</Resource><RequestId>{request_id}</RequestId>"
             f"<HostId>{uuid.uuid4().hex}</HostId></Error>"
         ).encode()
+        self._entry.status = status
         self.send_response_only(status, reason)
         self.send_header("x-amz-request-id", request_id)
         self.send_header("Date", formatdate(usegmt=True))

@@ -30,7 +30,7 @@ from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..serialization import clone_to_host
 from ..transport.context import S3Transport
 
-__all__ = ["S3CheckpointIO", "SaveRecord"]
+__all__ = ["RemovalRecord", "S3CheckpointIO", "SaveRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,18 @@ class SaveRecord:
     @property
     def gbps(self) -> float:
         return self.bytes / self.save_s / 1e9 if self.save_s > 0 else 0.0
+
+
+@dataclass
+class RemovalRecord:
+    """One ``remove_checkpoint`` call: when it was asked for, when it was carried out, or why not."""
+
+    path: str
+    requested_at: float
+    done_at: float | None = None
+    """When the objects were deleted (None while pending, or if cancelled)."""
+    cancelled: bool = False
+    """True if the deletion was cancelled because a save it waited for failed."""
 
 
 def to_url(path: str | os.PathLike[str]) -> str:
@@ -115,6 +127,7 @@ class S3CheckpointIO(CheckpointIO):
         self._saver = AsyncSaver(max_pending_saves) if self.async_checkpointing else None
         self._records_lock = threading.Lock()
         self.records: list[SaveRecord] = []
+        self.removals: list[RemovalRecord] = []
 
     @classmethod
     def from_config(cls, cfg: Any, dirpath: str, **kwargs: Any) -> S3CheckpointIO:
@@ -201,10 +214,18 @@ class S3CheckpointIO(CheckpointIO):
         """Delete the checkpoint at ``path``. Async: only after every pending save has committed, and not
         at all if one of them failed (the old checkpoint is then the last good one)."""
         url = self._url(path)
-        if self._saver is None:
+        record = RemovalRecord(url, time.time())
+        with self._records_lock:
+            self.removals.append(record)
+
+        def remove() -> None:
             ck.delete(url, transport=self.transport)
+            record.done_at = time.time()
+
+        if self._saver is None:
+            remove()
             return
-        self._saver.submit_removal(url, lambda: ck.delete(url, transport=self.transport))
+        self._saver.submit_removal(url, remove, on_cancel=lambda: setattr(record, "cancelled", True))
 
     @override
     def teardown(self) -> None:

@@ -119,7 +119,7 @@ class S3ModelCheckpoint(ModelCheckpoint):
         trainer.fit(model, ckpt_path="last")
     """
 
-    def __init__(self, dirpath: Any = None, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, dirpath: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> None:
         url = _normalize_dirpath(dirpath, type(self).__name__) if dirpath is not None else None
         # No dirpath for Lightning: its own handling asks fsspec for an "s3" filesystem, which needs s3fs.
         super().__init__(None, *args, **kwargs)

@@ -1,0 +1,154 @@
+"""``s3ckpt ls`` and ``s3ckpt verify``."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from ..catalog import CheckpointEntry, list_checkpoints
+from ..checkpoint import VerifyResult
+from ..checkpoint import verify as verify_object
+from ..errors import CheckpointCorruptedError, S3NotFoundError
+from ..s3_dirpath_utils import build_s3_url
+from ..transport import ops
+from .context import CommandError, Context, s3_url
+from .output import format_table, format_time, human_size
+from .targets import Target, find_target, resume_pick
+
+__all__ = ["cmd_ls", "cmd_verify"]
+
+
+def _size(ctx: Context, n: int) -> str:
+    return str(n) if getattr(ctx.args, "bytes", False) else human_size(n)
+
+
+def _entry_record(entry: CheckpointEntry, resume: bool) -> dict[str, object]:
+    return {
+        "url": entry.url,
+        "name": entry.name,
+        "kind": entry.kind,
+        "committed": entry.committed,
+        "reason": entry.reason,
+        "step": entry.step,
+        "epoch": entry.epoch,
+        "size": entry.size,
+        "objects": len(entry.keys),
+        "last_modified": entry.last_modified,
+        "resume": resume,
+    }
+
+
+def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
+    """List the checkpoints under a prefix, newest first, marking the one a resume would load."""
+    bucket, key = s3_url(args.url)
+    prefix = key if not key or key.endswith("/") else key + "/"
+    url = build_s3_url(bucket, prefix)
+    t = ctx.transport
+    entries = list_checkpoints(t, url, with_manifests=True)
+    picked = resume_pick(t, url, entries) if entries else None
+    if ctx.out.json:
+        for e in entries:
+            ctx.out.record(_entry_record(e, e.url == picked))
+        return 0
+    if not entries:
+        ctx.out.note(f"no checkpoints under {url}")
+        return 0
+    rows = []
+    for e in entries:
+        name = e.url[len(url) :] if e.url.startswith(url) else e.url
+        rows.append(
+            [
+                "*" if e.url == picked else "",
+                "ok" if e.committed else "INCOMPLETE",
+                e.kind,
+                "-" if e.step is None else str(e.step),
+                "-" if e.epoch is None else str(e.epoch),
+                _size(ctx, e.size),
+                format_time(e.last_modified),
+                name,
+            ]
+        )
+    for text in format_table(["", "STATUS", "KIND", "STEP", "EPOCH", "SIZE", "MODIFIED", "NAME"], rows, right=(3, 4, 5)):
+        ctx.out.result(text)
+    total = sum(e.size for e in entries)
+    incomplete = [e for e in entries if not e.committed]
+    summary = f"{len(entries)} checkpoint(s), {_size(ctx, total)}"
+    if incomplete:
+        summary += f"; {len(incomplete)} incomplete ({incomplete[0].name}: {incomplete[0].reason})"
+    if picked:
+        summary += "; * = what a resume would load"
+    ctx.out.note(summary)
+    return 0
+
+
+@dataclass
+class _Tally:
+    ok: int = 0
+    bad: int = 0
+    incomplete: int = 0
+
+
+def _verify_keys(ctx: Context, bucket: str, url: str, keys: list[str], tally: _Tally) -> None:
+    """Verify each object; report one OK line or one error line per object."""
+    for key in keys:
+        obj_url = build_s3_url(bucket, key)
+        try:
+            result = _verify_one(ctx, bucket, key)
+        except (CheckpointCorruptedError, S3NotFoundError) as exc:
+            tally.bad += 1
+            ctx.out.error(str(exc))
+            ctx.out.record({"url": obj_url, "checkpoint": url, "ok": False, "error": str(exc)})
+            continue
+        tally.ok += 1
+        ctx.out.line(f"OK  {obj_url}  {human_size(result.size)}  crc32c={result.crc32c:08x} (from {result.source})")
+        ctx.out.record(
+            {
+                "url": obj_url,
+                "checkpoint": url,
+                "ok": True,
+                "size": result.size,
+                "crc32c": f"{result.crc32c:08x}",
+                "source": result.source,
+            }
+        )
+
+
+def _verify_one(ctx: Context, bucket: str, key: str) -> VerifyResult:
+    size = ops.head(ctx.transport, bucket, key).size
+    with ctx.out.progress(size, f"verify {key.rsplit('/', 1)[-1]}") as progress:
+        return verify_object(build_s3_url(bucket, key), transport=ctx.transport, progress=progress)
+
+
+def _verify_entry(ctx: Context, bucket: str, entry: CheckpointEntry, tally: _Tally) -> None:
+    if not entry.committed:
+        tally.incomplete += 1
+        ctx.out.note(f"INCOMPLETE  {entry.url}: {entry.reason}")
+        ctx.out.record({"url": entry.url, "checkpoint": entry.url, "ok": None, "error": entry.reason})
+        return
+    _verify_keys(ctx, bucket, entry.url, list(entry.keys), tally)
+
+
+def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
+    """Check the CRC32C of a checkpoint, or of every checkpoint under a prefix. Exit 1 on any mismatch."""
+    t = ctx.transport
+    bucket, key = s3_url(args.url)
+    target: Target | None = find_target(t, args.url)
+    tally = _Tally()
+    if target is not None and target.info is not None:
+        _verify_keys(ctx, bucket, target.url, [target.key], tally)
+    elif target is not None and target.entry is not None:
+        if not target.entry.committed:
+            raise CommandError(f"{target.entry.url} is not committed: {target.entry.reason}")
+        _verify_entry(ctx, bucket, target.entry, tally)
+    else:
+        prefix = key if not key or key.endswith("/") else key + "/"
+        entries = list_checkpoints(t, build_s3_url(bucket, prefix))
+        if not entries:
+            raise CommandError(f"no checkpoint at {args.url} and none under it")
+        for entry in entries:
+            _verify_entry(ctx, bucket, entry, tally)
+        ctx.out.note(
+            f"{tally.ok + tally.bad} object(s) verified: {tally.ok} ok, {tally.bad} failed"
+            + (f"; {tally.incomplete} incomplete checkpoint(s) skipped" if tally.incomplete else "")
+        )
+    return 1 if tally.bad else 0

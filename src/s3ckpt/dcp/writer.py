@@ -1,0 +1,255 @@
+"""``S3StorageWriter``: torch.distributed.checkpoint's storage layer for S3, streaming and crash-safe."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import crc32c as _crc32c
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from ..checkpoint import resolve_transport
+from ..errors import ConfigError
+from ..transport.context import S3Transport
+from ..transport.upload import MultipartWriter
+from .commit import clear_previous, commit
+from .layout import FlatPrefixStrategy, ItemWrite, PrefixStrategy, RankFiles, split_url
+
+__all__ = ["S3StorageWriter"]
+
+log = logging.getLogger(__name__)
+
+# What torch.save adds around a tensor's bytes (zip headers, the pickle); only used to size parts up front.
+_ITEM_OVERHEAD = 4096
+
+
+class _ItemTap:
+    """Forwards writes to the upload and keeps the CRC32C of the item being written.
+
+    Not an ``io`` class on purpose: torch.save only needs ``write`` and ``flush``, and an ``IOBase`` would
+    close the shared upload when it is garbage-collected.
+    """
+
+    def __init__(self, sink: MultipartWriter) -> None:
+        self._sink = sink
+        self.crc = 0
+
+    def write(self, data: Any) -> int:
+        n = self._sink.write(data)
+        self.crc = _crc32c.crc32c(data, self.crc)
+        return n
+
+    def flush(self) -> None:
+        pass
+
+
+def _item_bytes(item: WriteItem) -> int:
+    if item.tensor_data is None:
+        return _ITEM_OVERHEAD
+    numel = 1
+    for dim in item.tensor_data.size:
+        numel *= dim
+    return numel * item.tensor_data.properties.dtype.itemsize + _ITEM_OVERHEAD
+
+
+def _split(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
+    """Spread items over ``bins`` files of about equal size (largest tensor into the lightest file)."""
+    if bins <= 1:
+        return [list(items)]
+    out: list[list[WriteItem]] = [[] for _ in range(bins)]
+    sizes = [0] * bins
+    for item in sorted(items, key=_item_bytes, reverse=True):
+        i = sizes.index(min(sizes))
+        out[i].append(item)
+        sizes[i] += _item_bytes(item)
+    return out
+
+
+def _host_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach().cpu()
+    # torch.save writes a view's whole storage; a slice of a large parameter must not drag the rest along.
+    if tensor.untyped_storage().nbytes() != tensor.nbytes:
+        tensor = tensor.clone()
+    return tensor
+
+
+class S3StorageWriter(StorageWriter):
+    """Save a ``torch.distributed.checkpoint`` straight to ``s3://bucket/prefix``.
+
+    Each rank streams its items into one multipart upload per file (``__{rank}_{n}.distcp``), so memory per
+    rank is bounded by ``(max_write_concurrency + 1) * chunk_size_MB`` MiB whatever the state size, and
+    records each item's offset, length and CRC32C. The coordinator commits by writing ``.metadata`` last,
+    after HEAD confirms every rank's files (see :mod:`s3ckpt.dcp.commit`): a save that fails or is killed
+    leaves no ``.metadata`` and is never loaded.
+
+    Usable with ``dcp.save``, ``dcp.async_save`` and ``dcp.state_dict_saver``; needs
+    ``use_collectives=True`` (the default).
+
+    Args:
+        url: the checkpoint, ``s3://bucket/prefix`` (a prefix of its own). May be left out if
+            ``checkpoint_id`` is given to ``dcp.save``.
+        transport: client, retry and transfer settings; default: built from the environment.
+        chunk_size_MB: multipart part size for this writer (overrides the transport's).
+        max_write_concurrency: parts in flight per file (overrides the transport's).
+        prefix_strategy: where rank files go; :class:`NumericPrefixStrategy` spreads them over sub-prefixes.
+            Default: all under the checkpoint prefix.
+        files_per_rank: files each rank writes in parallel (each its own upload and part buffers).
+        overwrite: replace a committed checkpoint at ``url``. Off by default: saving onto a committed
+            checkpoint raises :class:`ConflictError` before any byte is written. When on, the old
+            ``.metadata`` is deleted before any rank writes, so an interrupted overwrite leaves an
+            unfinished save, never a committed mix of two checkpoints.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        transport: S3Transport | None = None,
+        chunk_size_MB: int | None = None,
+        max_write_concurrency: int | None = None,
+        prefix_strategy: PrefixStrategy | None = None,
+        files_per_rank: int = 1,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(files_per_rank, bool) or not isinstance(files_per_rank, int) or not 1 <= files_per_rank <= 64:
+            raise ConfigError(f"S3StorageWriter.files_per_rank={files_per_rank!r}: must be a whole number, 1 to 64")
+        self.transport = resolve_transport(
+            transport, chunk_size_MB=chunk_size_MB, max_write_concurrency=max_write_concurrency
+        )
+        self.prefix_strategy: PrefixStrategy = prefix_strategy if prefix_strategy is not None else FlatPrefixStrategy()
+        self.files_per_rank = files_per_rank
+        self.overwrite = overwrite
+        self.url: str | None = None
+        self.bucket = ""
+        self.prefix = ""
+        self.save_id = uuid.uuid4().hex
+        self.rank = 0
+        self.is_coordinator = False
+        if url is not None:
+            self._set_url(url)
+
+    def _set_url(self, url: str | os.PathLike[str]) -> None:
+        self.bucket, self.prefix = split_url(str(url))
+        self.url = f"s3://{self.bucket}/{self.prefix}"
+
+    def _require_url(self) -> str:
+        if self.url is None:
+            raise ConfigError("S3StorageWriter has no URL: pass url=... or checkpoint_id=... to dcp.save")
+        return self.url
+
+    # -- StorageWriter --------------------------------------------------------------------------------------
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Start a new save, at ``checkpoint_id`` if given."""
+        if checkpoint_id:
+            self._set_url(checkpoint_id)
+        self.save_id = uuid.uuid4().hex
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        """Record this rank's role.
+
+        Raises:
+            ConfigError: ``use_collectives=False`` (each rank would commit alone; there is no safe commit).
+        """
+        self._require_url()
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank") or 0)
+        if not kwargs.get("use_collectives", True):
+            raise ConfigError(
+                "S3StorageWriter needs use_collectives=True: .metadata is written once, by the coordinator, "
+                "after every rank's files are confirmed"
+            )
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """No per-rank planning: the coordinator names every rank's files."""
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Clear the prefix (refusing a committed checkpoint unless ``overwrite``) and name each rank's files.
+
+        Runs on the coordinator before any rank writes, which is what makes deleting the old ``.metadata``
+        here safe.
+        """
+        clear_previous(self.transport, self.bucket, self.prefix, overwrite=self.overwrite)
+        return [
+            dataclasses.replace(plan, storage_data=RankFiles(rank, self.prefix_strategy.rank_dir(rank)))
+            for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        """Stream this rank's items into its file(s); the results carry each file's size, CRC32C and ETag."""
+        files = plan.storage_data
+        if not isinstance(files, RankFiles):
+            raise TypeError(f"SavePlan.storage_data is {type(files).__name__}, not set by S3StorageWriter")
+        bins = [b for b in _split(plan.items, self.files_per_rank) if b]
+        jobs = [(files.relative_path(n), b) for n, b in enumerate(bins)]
+        if len(jobs) <= 1:
+            per_file = [self._write_file(rel, items, planner) for rel, items in jobs]
+        else:
+            with ThreadPoolExecutor(len(jobs), thread_name_prefix="s3ckpt-dcp-write") as pool:
+                per_file = list(pool.map(lambda job: self._write_file(job[0], job[1], planner), jobs))
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result([wr for results in per_file for wr in results])
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Commit (coordinator only): HEAD-check every file, then write the manifest and ``.metadata``."""
+        metadata.storage_meta = self.storage_meta()
+        commit(self.transport, self.bucket, self.prefix, metadata, results, overwrite=self.overwrite)
+
+    def storage_meta(self) -> StorageMeta | None:
+        """The checkpoint URL and this save's id, recorded in ``.metadata``."""
+        return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        """The checkpoint URL (``s3://bucket/prefix/``)."""
+        return self.url
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """True for ``s3://`` URLs."""
+        return isinstance(checkpoint_id, str) and checkpoint_id.startswith("s3://")
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _write_file(self, rel: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
+        key = self.prefix + rel
+        expected = sum(_item_bytes(i) for i in items)
+        written: list[tuple[WriteItem, int, int, int]] = []
+        with MultipartWriter(self.transport, self.bucket, key, expected_size=expected) as upload:
+            tap = _ItemTap(upload)
+            # Small byte items first, as torch does: they are resolved without touching tensor memory.
+            for item in sorted(items, key=lambda i: i.type != WriteItemType.BYTE_IO):
+                data = planner.resolve_data(item)
+                start = upload.bytes_written
+                tap.crc = 0
+                if item.type == WriteItemType.BYTE_IO:
+                    if not isinstance(data, io.BytesIO):
+                        raise TypeError(f"{item.index.fqn}: BYTE_IO item resolved to {type(data).__name__}")
+                    tap.write(data.getbuffer())
+                else:
+                    if not isinstance(data, torch.Tensor):
+                        raise TypeError(f"{item.index.fqn}: tensor item resolved to {type(data).__name__}")
+                    torch.save(_host_tensor(data), tap)  # type: ignore[arg-type]
+                written.append((item, start, upload.bytes_written - start, tap.crc))
+        result = upload.result
+        log.debug("rank %d wrote s3://%s/%s: %d items, %d bytes", self.rank, self.bucket, key, len(items), result.size)
+        return [
+            WriteResult(
+                index=item.index,
+                size_in_bytes=length,
+                storage_data=ItemWrite(rel, offset, length, crc, result.size, result.crc32c, result.etag),
+            )
+            for item, offset, length, crc in written
+        ]

@@ -1,0 +1,225 @@
+"""``s3ckpt demo``: train, get killed, resume, and check that nothing was lost.
+
+1. Starts the embedded SeaweedFS server, unless an endpoint is given (``--endpoint`` or the usual AWS
+   variables, with ``--bucket``).
+2. Trains a small Lightning model on the CPU with ``S3CheckpointIO`` (async) and top-k retention on S3.
+3. Kills the training process with SIGKILL partway, the way a node dies.
+4. Finds the checkpoint to resume from through the rank-0 discovery path, resumes in a new process, and
+   checks that the resumed weights, optimizer state, step and epoch equal that committed checkpoint.
+5. Prints a summary and exits non-zero if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["main"]
+
+
+@dataclass
+class Run:
+    """What one worker process reported."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    returncode: int | None = None
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == kind]
+
+
+def _run_worker(mode: str, cfg: dict[str, Any], env: dict[str, str], kill_after_saves: int | None, log: Any) -> Run:
+    cmd = [sys.executable, "-m", "s3ckpt.demo.worker", mode, json.dumps(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    run = Run()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        event = json.loads(line)
+        run.events.append(event)
+        _narrate(event)
+        if kill_after_saves is not None and len(run.of("saved")) >= kill_after_saves:
+            # Mid-training, with the next async save possibly in flight: the way a node dies.
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGKILL)
+            print(f"  !! killed the training process (pid {proc.pid}) with SIGKILL", flush=True)
+            break
+    proc.wait()
+    run.returncode = proc.returncode
+    return run
+
+
+def _narrate(event: dict[str, Any]) -> None:
+    kind = event.get("event")
+    if kind == "saved":
+        print(
+            f"  saved    {event['path']}  {event['bytes'] / 1e6:6.1f} MB  {event['save_s']:.2f} s  "
+            f"(training stalled {event['stall_s'] * 1000:.0f} ms)",
+            flush=True,
+        )
+    elif kind == "removed":
+        state = "cancelled" if event.get("cancelled") else "deleted"
+        print(f"  top-k    {state} {event['path']}", flush=True)
+    elif kind == "resumed":
+        print(f"  resumed  at global_step={event['global_step']} epoch={event['epoch']}", flush=True)
+
+
+def _compare(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
+    import torch
+
+    problems = []
+    if expected["global_step"] != got["global_step"]:
+        problems.append(f"global_step {got['global_step']} != saved {expected['global_step']}")
+    if expected["epoch"] != got["epoch"]:
+        problems.append(f"epoch {got['epoch']} != saved {expected['epoch']}")
+    exp_sd, got_sd = expected["state_dict"], got["state_dict"]
+    if exp_sd.keys() != got_sd.keys():
+        problems.append("model state keys differ")
+    else:
+        bad = [k for k in exp_sd if not torch.equal(exp_sd[k], got_sd[k])]
+        if bad:
+            problems.append(f"weights differ in {bad[:3]}")
+    exp_opt = expected["optimizer_states"][0]["state"]
+    got_opt = got["optimizer"]["state"]
+    for pid, st in exp_opt.items():
+        for name, value in st.items():
+            other = got_opt.get(pid, {}).get(name)
+            if isinstance(value, torch.Tensor) and (other is None or not torch.equal(value, other)):
+                problems.append(f"optimizer state {pid}.{name} differs")
+                break
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns the exit code (0 when every check passed)."""
+    parser = argparse.ArgumentParser(prog="s3ckpt demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--endpoint", help="S3 endpoint URL (default: start the embedded server)")
+    parser.add_argument("--bucket", help="bucket to use (required with --endpoint or AWS credentials)")
+    parser.add_argument("--prefix", default=None, help="key prefix for this run (default: demo-<random>)")
+    parser.add_argument("--steps", type=int, default=240, help="training steps in total")
+    parser.add_argument("--every", type=int, default=20, help="save a checkpoint every N steps")
+    parser.add_argument("--kill-after", type=int, default=4, help="SIGKILL after this many committed saves")
+    parser.add_argument("--width", type=int, default=768, help="hidden width of the demo MLP")
+    args = parser.parse_args(argv)
+
+    from s3ckpt import checkpoint as ck
+    from s3ckpt.catalog import list_checkpoints
+    from s3ckpt.config import ClientConfig
+    from s3ckpt.distributed import resolve_resume_path
+    from s3ckpt.transport import S3Transport
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    server = None
+    external = bool(args.endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ACCESS_KEY_ID"))
+    if external and not args.bucket:
+        parser.error("--bucket is required when using your own endpoint or AWS credentials")
+    if not external:
+        from s3ckpt.server import LocalS3Server
+
+        print("Starting the embedded SeaweedFS S3 server on 127.0.0.1 ...", flush=True)
+        server = LocalS3Server().start()
+        env.update(server.env())
+        bucket = args.bucket or "s3ckpt-demo"
+        server.create_bucket(bucket)
+        print(f"  endpoint {server.endpoint_url}, bucket {bucket}", flush=True)
+    else:
+        bucket = args.bucket
+        if args.endpoint:
+            env["AWS_ENDPOINT_URL"] = args.endpoint
+    prefix = args.prefix or f"demo-{uuid.uuid4().hex[:8]}"
+    dirpath = f"s3://{bucket}/{prefix}"
+    failures: list[str] = []
+    try:
+        transport = S3Transport.create(
+            client=ClientConfig.from_env(
+                endpoint_url=env.get("AWS_ENDPOINT_URL"),
+                access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            )
+        )
+        with tempfile.TemporaryDirectory(prefix="s3ckpt-demo-") as tmp:
+            cfg = {"dirpath": dirpath, "max_steps": args.steps, "every_n_train_steps": args.every, "width": args.width}
+            log_path = os.path.join(tmp, "worker.log")
+            with open(log_path, "w") as log:
+                print(f"\n[1/3] Training with async S3 checkpoints to {dirpath} (top-k=2, last) ...", flush=True)
+                first = _run_worker("train", cfg, env, kill_after_saves=args.kill_after, log=log)
+                if first.returncode != -signal.SIGKILL:
+                    failures.append(f"the training process was not killed as planned (exit {first.returncode})")
+
+                print("\n[2/3] After the crash: what is on S3, and what would resume pick?", flush=True)
+                entries = list_checkpoints(transport, dirpath, with_manifests=True)
+                for e in entries:
+                    mark = "committed" if e.committed else f"UNCOMMITTED ({e.reason})"
+                    print(f"  {e.name:32s} {e.size / 1e6:7.1f} MB  step={e.step}  {mark}", flush=True)
+                resume_url = resolve_resume_path(dirpath, transport=transport)
+                print(f"  rank 0 resolved the resume checkpoint: {resume_url}", flush=True)
+                t0 = time.perf_counter()
+                expected = ck.load(resume_url, weights_only=False, transport=transport) if resume_url else None
+                load_s = time.perf_counter() - t0
+
+                print("\n[3/3] Resuming in a new process ...", flush=True)
+                cfg["state_out"] = os.path.join(tmp, "resumed.pt")
+                second = _run_worker("resume", cfg, env, kill_after_saves=None, log=log)
+                if second.returncode != 0:
+                    failures.append(f"the resumed training failed (exit {second.returncode}); see {log_path}")
+                    log.flush()
+                    print(open(log_path).read()[-3000:], file=sys.stderr)
+                elif expected is None:
+                    failures.append("no checkpoint was found to resume from")
+                else:
+                    import torch
+
+                    got = torch.load(cfg["state_out"], weights_only=False)
+                    failures += _compare(expected, got)
+            _summary(first, second, entries, resume_url, expected, load_s, failures)
+    finally:
+        if server is not None:
+            server.stop()
+    return 1 if failures else 0
+
+
+def _summary(
+    first: Run,
+    second: Run,
+    entries: list[Any],
+    resume_url: str | None,
+    expected: dict[str, Any] | None,
+    load_s: float,
+    failures: list[str],
+) -> None:
+    saves = first.of("saved") + second.of("saved")
+    removed = first.of("removed") + second.of("removed")
+    total = sum(e["bytes"] for e in saves)
+    print("\nSummary", flush=True)
+    print(f"  checkpoints written      {len(saves)} ({total / 1e6:.1f} MB in total)")
+    if saves:
+        gbps = [e["bytes"] / e["save_s"] / 1e9 for e in saves if e["save_s"] > 0]
+        stall = [e["stall_s"] for e in saves]
+        print(f"  save throughput          {min(gbps):.3f}-{max(gbps):.3f} GB/s (upload in the background)")
+        print(f"  training stalled         {sum(stall):.2f} s in total, max {max(stall) * 1000:.0f} ms per save")
+    if expected is not None and resume_url:
+        size = next((e.size for e in entries if e.url == resume_url), 0)
+        rate = f"{size / load_s / 1e9:.3f} GB/s" if load_s > 0 and size else "n/a"
+        print(f"  resume checkpoint        {resume_url} (loaded in {load_s:.2f} s, {rate})")
+        print(f"  resumed at               global_step={expected['global_step']} epoch={expected['epoch']}")
+    for e in removed:
+        what = "kept (its replacement failed)" if e.get("cancelled") else "deleted by top-k"
+        print(f"  {what:24s} {e['path']}")
+    if failures:
+        print("\nFAILED:", flush=True)
+        for f in failures:
+            print(f"  - {f}", flush=True)
+    else:
+        print("\nOK: the resumed weights, optimizer state, step and epoch equal the last committed checkpoint.")

@@ -1,0 +1,400 @@
+"""Resume at scale: global rank 0 alone finds the checkpoint on S3, and every rank gets the answer by broadcast.
+
+Listing a checkpoint directory costs LIST (and HEAD) requests; done by every rank of a 1,000-GPU job at once
+it is 1,000 x the requests and can hit S3's per-prefix rate limit before training even starts.
+:func:`resolve_resume_path` lists on global rank 0 only and broadcasts the path, or the error, so that every
+rank returns the same path or raises the same exception, and no rank waits in a collective for a rank 0 that
+failed.
+
+The collective helpers are no-ops without an initialised ``torch.distributed`` process group (rank 0 of 1).
+:func:`s3ckpt.distributed_load.load_shared` downloads a checkpoint once per node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+import torch.distributed as dist
+
+from . import checkpoint as ck
+from .catalog import GROUP_MARKER_SUFFIX, CheckpointEntry, list_checkpoints, uninject_model_parallel_rank
+from .errors import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    ConfigError,
+    ResumeError,
+    S3CheckpointError,
+    S3NotFoundError,
+)
+from .layout import expected_crc32c
+from .s3_dirpath_utils import build_s3_url, parse_s3_url
+from .transport import ops
+from .transport.context import S3Transport
+
+__all__ = [
+    "VerifyPolicy",
+    "barrier",
+    "broadcast_object",
+    "commit_model_parallel",
+    "find_resume_checkpoint",
+    "get_rank",
+    "get_world_size",
+    "is_initialized",
+    "model_parallel_rank_url",
+    "resolve_resume_path",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+VerifyPolicy = bool | Literal["head"]
+GROUP_MARKER_FORMAT = "s3ckpt-group/1"
+_BROADCAST_NOTE = "raised on the rank that ran the step and broadcast to this one"
+
+
+def is_initialized() -> bool:
+    """True if a ``torch.distributed`` default process group exists in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (default: global); 0 without a process group."""
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def get_world_size(group: Any = None) -> int:
+    """Processes in ``group`` (default: all); 1 without a process group."""
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def barrier(group: Any = None) -> None:
+    """Wait for every rank of ``group``; a no-op without a process group."""
+    if is_initialized() and dist.get_world_size(group) > 1:
+        dist.barrier(group=group)
+
+
+def broadcast_object(obj: T, src: int = 0, *, group: Any = None, device: Any = None) -> T:
+    """``obj`` from global rank ``src`` to every rank of ``group``; returns ``obj`` itself without a group.
+
+    Args:
+        obj: any picklable object (ignored on the other ranks).
+        src: the global rank that sends.
+        group: the process group; default: all ranks.
+        device: where the pickled bytes travel, as ``torch.distributed.broadcast_object_list``: ``None``
+            lets torch choose (CPU for gloo, the current CUDA device for nccl, so call
+            ``torch.cuda.set_device(local_rank)`` first, as every NCCL program must).
+    """
+    if not is_initialized() or dist.get_world_size(group) == 1:
+        return obj
+    box: list[Any] = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=group, device=device)
+    return box[0]  # type: ignore[no-any-return]
+
+
+# -- outcomes: a value or an exception that can cross a broadcast -----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Outcome(Generic[T]):
+    """A step run on one rank: its value, or the exception it raised in a form that survives pickling."""
+
+    value: T | None = None
+    error: Exception | None = None
+    origin: str = ""
+    """The traceback on the rank that failed, shown in a note on the ranks it is broadcast to."""
+    local: Exception | None = field(default=None, compare=False, repr=False)
+    """The original exception, on the rank that raised it only (never pickled)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"value": self.value, "error": self.error, "origin": self.origin}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in {**state, "local": None}.items():
+            object.__setattr__(self, name, value)
+
+    def unwrap(self) -> T:
+        """The value; or raise the original exception on the rank that failed, its copy on the others."""
+        if self.local is not None:
+            raise self.local
+        if self.error is None:
+            return self.value  # type: ignore[return-value]
+        if hasattr(self.error, "add_note"):
+            self.error.add_note(f"{_BROADCAST_NOTE}; the traceback there:\n{self.origin}")
+        raise self.error
+
+
+def _portable(exc: Exception) -> Exception:
+    """``exc`` if it survives pickling (its cause and traceback never travel), else an equivalent that does.
+
+    Checked before the broadcast: if pickling failed inside it, the other ranks would wait for rank 0 forever.
+    """
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return S3CheckpointError(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+    return exc
+
+
+def _capture(fn: Callable[[], T]) -> _Outcome[T]:
+    try:
+        return _Outcome(value=fn())
+    except Exception as exc:
+        return _Outcome(error=_portable(exc), origin=traceback.format_exc(), local=exc)
+
+
+# -- resume rules ------------------------------------------------------------------------------------------
+
+
+def _stem(entry: CheckpointEntry) -> str | None:
+    """The name without ``.ckpt``, if the entry may be an ``*end``/``*last`` candidate (NeMo's globs)."""
+    name = entry.name
+    if name.endswith(".ckpt"):
+        return name[: -len(".ckpt")]
+    return name if entry.kind == "sharded" else None
+
+
+def _check(t: S3Transport, entry: CheckpointEntry, policy: VerifyPolicy) -> None:
+    """Raise :class:`CheckpointCorruptedError` if ``entry`` fails the ``policy`` check (see resolve_resume_path)."""
+    if policy is False or entry.kind == "sharded":
+        return  # DCP shards carry no s3ckpt checksum; `.metadata` (written last) is their commit record.
+    bucket, _ = parse_s3_url(entry.url)
+    if entry.kind == "model_parallel":
+        _check_group(t, bucket, entry)
+    for key in entry.keys if policy is True else ():
+        buf, _ = ck._download_verified(t, build_s3_url(bucket, key), verify=True, progress=None)
+        buf.close()
+    if policy == "head" and entry.kind == "file":
+        expected_crc32c(t, ops.head(t, bucket, entry.keys[0]))
+
+
+def _check_group(t: S3Transport, bucket: str, entry: CheckpointEntry) -> None:
+    _, logical = parse_s3_url(entry.url)
+    try:
+        recorded = json.loads(ops.get_bytes(t, bucket, logical + GROUP_MARKER_SUFFIX)).get("files")
+    except (ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return  # a marker not written by commit_model_parallel: its presence is all it says
+    changed = sorted(set(recorded) ^ set(entry.keys))
+    if not changed:
+        infos = _head_many(t, bucket, sorted(recorded))
+        changed = [
+            i.key if i else k
+            for k, i in zip(sorted(recorded), infos, strict=True)
+            if i is None or (i.size, i.etag) != (recorded[k].get("size"), recorded[k].get("etag"))
+        ]
+    if changed:
+        raise CheckpointCorruptedError(
+            f"{entry.url}: rank file(s) {[build_s3_url(bucket, k) for k in changed[:4]]} missing, added or replaced "
+            "after the group was committed"
+        )
+
+
+def _head_many(t: S3Transport, bucket: str, keys: list[str]) -> list[ops.ObjectInfo | None]:
+    """HEAD each key in parallel (``None`` where missing): ``tp * pp`` requests, never per data-parallel rank."""
+
+    def head(key: str) -> ops.ObjectInfo | None:
+        try:
+            return ops.head(t, bucket, key)
+        except S3NotFoundError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(keys)))) as pool:
+        return list(pool.map(head, keys))
+
+
+def find_resume_checkpoint(
+    dirpath: str,
+    *,
+    resume_ignore_no_checkpoint: bool = False,
+    resume_past_end: bool = False,
+    transport: S3Transport | None = None,
+    verify_candidates: VerifyPolicy = "head",
+) -> str | None:
+    """The checkpoint to resume from under ``dirpath``, found by this process alone (no collective).
+
+    Use :func:`resolve_resume_path` in a multi-process job; the rules and arguments are the same.
+    """
+    t = ck.resolve_transport(transport)
+    entries = list_checkpoints(t, dirpath)
+    # list_checkpoints orders newest step first, then newest time.
+    ends = [e for e in entries if (_stem(e) or "").endswith("end")]
+    lasts = [e for e in entries if (_stem(e) or "").endswith("last")]
+    committed_ends = [e for e in ends if e.committed]
+    if committed_ends and not resume_past_end:
+        raise ResumeError(
+            f"Found {committed_ends[0].url} indicating that the last training run has already completed. "
+            "Pass resume_past_end=True to resume from it anyway, or use a new checkpoint directory."
+        )
+    if len(committed_ends) > 1:
+        _warn(f"Multiple checkpoints match *end.ckpt: {[e.url for e in committed_ends]}; trying the newest first.")
+    skipped: list[str] = []
+    for entry in (ends if resume_past_end else []) + lasts:
+        if not entry.committed:
+            skipped.append(f"{entry.url} ({entry.reason})")
+            _warn(f"Skipping checkpoint {entry.url}: not committed ({entry.reason}); trying the next older one.")
+            continue
+        try:
+            _check(t, entry, verify_candidates)
+        except CheckpointCorruptedError as exc:
+            skipped.append(f"{entry.url} (corrupted)")
+            _warn(f"Skipping checkpoint {entry.url}: {exc}; trying the next older one.")
+            continue
+        log.info("resuming from %s", entry.url)
+        return entry.url
+    why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+    message = f"There were no usable *last.ckpt or *end.ckpt checkpoints under {dirpath}{why}."
+    if resume_ignore_no_checkpoint:
+        _warn(message + " Training from scratch (resume_ignore_no_checkpoint=True).")
+        return None
+    raise CheckpointNotFoundError(
+        message + " Cannot resume; pass resume_ignore_no_checkpoint=True to start from scratch instead."
+    )
+
+
+def _warn(message: str) -> None:
+    log.warning("%s", message)
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def resolve_resume_path(
+    dirpath: str,
+    *,
+    resume_if_exists: bool = True,
+    resume_ignore_no_checkpoint: bool = False,
+    resume_past_end: bool = False,
+    transport: S3Transport | None = None,
+    verify_candidates: VerifyPolicy = "head",
+) -> str | None:
+    """The checkpoint every rank resumes from: found on global rank 0 only, broadcast to the others.
+
+    Collective: every rank of the default process group must call it (without a group, the process is
+    rank 0 of 1). Non-zero ranks send no S3 request and never build a client.
+
+    Rules (NeMo's ``exp_manager``), among committed checkpoints only:
+
+    1. a ``*end.ckpt`` (or a sharded directory ending in ``end``) means the run finished: an error unless
+       ``resume_past_end``, in which case it is preferred;
+    2. else the newest ``*last.ckpt`` (or ``*last`` directory), by step in its name, then by time;
+    3. model-parallel rank files (``mp_rank_XX/``, ``tp_rank_XX_pp_rank_XXX/``) are one checkpoint, returned
+       without the rank folder (each rank injects its own), committed once the group marker exists;
+    4. an unfinished candidate (a model-parallel group without its marker, a sharded directory without
+       ``.metadata``; an unfinished file upload is invisible) or a corrupt one is skipped with a warning
+       naming it, and the next older one is tried;
+    5. nothing usable: :class:`CheckpointNotFoundError`, or ``None`` (start fresh) with a warning if
+       ``resume_ignore_no_checkpoint``. A missing bucket is always an error.
+
+    Args:
+        dirpath: ``s3://bucket/prefix`` of the checkpoints (searched recursively).
+        resume_if_exists: ``False`` returns ``None`` at once, with no request and no collective.
+        resume_ignore_no_checkpoint: start fresh instead of raising when nothing is usable.
+        resume_past_end: allow resuming from a ``*end.ckpt``.
+        transport: used on rank 0; default: built from the environment.
+        verify_candidates: how rank 0 checks a candidate before choosing it. ``"head"`` (default): one
+            HEAD (plus the manifest GET where the store keeps no CRC32C; for a model-parallel group the
+            marker GET and a HEAD per rank file): catches an object replaced or truncated after it was saved,
+            not bytes altered behind a record that still matches (those fail the CRC32C check at load, on
+            every rank). ``True``: download and CRC32C-check it on rank 0: catches every corruption, for one
+            more read of the whole checkpoint. ``False``: trust the listing.
+
+    Returns:
+        The ``s3://`` URL to resume from, the same on every rank, or ``None`` to start fresh.
+
+    Raises:
+        ResumeError: a ``*end.ckpt`` exists and ``resume_past_end`` is off.
+        CheckpointNotFoundError: nothing usable (see rule 5).
+        S3CheckpointError: any failure on rank 0 (missing bucket, access denied), raised on every rank
+            with the same type and message.
+    """
+    if not resume_if_exists:
+        return None
+    if not is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.warning("resolve_resume_path before init_process_group: every process lists %s itself", dirpath)
+    outcome: _Outcome[str | None] | None = None
+    if get_rank() == 0:
+        outcome = _capture(
+            lambda: find_resume_checkpoint(
+                dirpath,
+                resume_ignore_no_checkpoint=resume_ignore_no_checkpoint,
+                resume_past_end=resume_past_end,
+                transport=transport,
+                verify_candidates=verify_candidates,
+            )
+        )
+    shared = broadcast_object(outcome, src=0)
+    assert shared is not None  # rank 0 always sends an outcome
+    return shared.unwrap()
+
+
+# -- model-parallel commit ---------------------------------------------------------------------------------
+
+
+def model_parallel_rank_url(url: str, tp_rank: int, pp_rank: int = 0, pipeline_parallel_size: int = 1) -> str:
+    """NeMo's ``inject_model_parallel_rank``: ``<dir>/<name>`` -> ``<dir>/mp_rank_XX/<name>`` (or
+    ``tp_rank_XX_pp_rank_XXX`` with pipeline parallelism)."""
+    head, _, name = url.rpartition("/")
+    folder = f"mp_rank_{tp_rank:02d}" if pipeline_parallel_size == 1 else f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}"
+    return f"{head}/{folder}/{name}"
+
+
+def commit_model_parallel(
+    url_without_rank: str,
+    *,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int = 1,
+    transport: S3Transport | None = None,
+) -> str:
+    """Mark a NeMo-style model-parallel checkpoint committed once every rank's file is on S3.
+
+    Call it on one rank (rank 0) after a barrier that follows every rank's save::
+
+        s3ckpt.save(state, model_parallel_rank_url(url, tp_rank, pp_rank, pp), transport=t)
+        barrier()
+        if get_rank() == 0:
+            commit_model_parallel(url, tensor_parallel_size=tp, pipeline_parallel_size=pp, transport=t)
+
+    HEADs each rank file (``tp * pp`` requests, in parallel), then writes ``<url>.s3ckpt-group.json``
+    recording each file's size and ETag, so a rank file replaced later is detected on resume. Returns the
+    marker's ``s3://`` URL.
+
+    Raises:
+        ConfigError: ``tp * pp`` is 1 (NeMo then saves one plain file, which needs no marker).
+        CheckpointNotFoundError: rank files are missing (named); no marker is written.
+    """
+    tp, pp = tensor_parallel_size, pipeline_parallel_size
+    if tp < 1 or pp < 1 or tp * pp == 1:
+        raise ConfigError(
+            f"commit_model_parallel: tensor_parallel_size={tp} x pipeline_parallel_size={pp} must be > 1; "
+            "a checkpoint without model parallelism is one file and is committed when it is visible"
+        )
+    bucket, key = parse_s3_url(url_without_rank, require_key=True)
+    if uninject_model_parallel_rank(key) != key:
+        raise ConfigError(f"commit_model_parallel: pass the URL without the rank folder, got {url_without_rank!r}")
+    t = ck.resolve_transport(transport)
+    keys = [parse_s3_url(model_parallel_rank_url(url_without_rank, r, p, pp))[1] for p in range(pp) for r in range(tp)]
+    infos = _head_many(t, bucket, keys)
+    missing = [k for k, info in zip(keys, infos, strict=True) if info is None]
+    if missing:
+        ops.check_bucket(t, bucket)
+        raise CheckpointNotFoundError(
+            f"cannot commit {url_without_rank}: {len(missing)} of {len(keys)} rank files are missing, e.g. "
+            f"{[build_s3_url(bucket, k) for k in missing[:4]]}; a rank's save did not finish"
+        )
+    record = {
+        "format": GROUP_MARKER_FORMAT,
+        "created": time.time(),
+        "files": {info.key: {"size": info.size, "etag": info.etag} for info in infos if info is not None},
+    }
+    marker = key + GROUP_MARKER_SUFFIX
+    ops.put_bytes(t, bucket, marker, json.dumps(record, sort_keys=True).encode(), content_type="application/json")
+    return build_s3_url(bucket, marker)
