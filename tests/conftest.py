@@ -13,16 +13,21 @@ from collections.abc import Iterator
 import pytest
 
 from s3ckpt.config import ClientConfig, RetryConfig, TransferConfig
-from s3ckpt.server import LocalS3Server
+from s3ckpt.server import READ_ONLY_ACTIONS, Identity, LocalS3Server
 from s3ckpt.transport import S3Transport
 
 _counter = itertools.count()
+
+# A second identity on the shared server that may read and list but not write (access-denied tests).
+READER = Identity(
+    name="reader", access_key="s3ckpt-reader", secret_key=f"reader-{uuid.uuid4().hex}", actions=READ_ONLY_ACTIONS
+)
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
     """The embedded SeaweedFS server, shared by the whole session."""
-    server = LocalS3Server(data_dir=tmp_path_factory.mktemp("seaweedfs"))
+    server = LocalS3Server(data_dir=tmp_path_factory.mktemp("seaweedfs"), identities=(READER,))
     server.start()
     try:
         yield server
@@ -43,13 +48,19 @@ def bucket(s3_server: LocalS3Server) -> str:
 
 
 def client_config_for(server: LocalS3Server, **overrides: object) -> ClientConfig:
-    return ClientConfig(
-        endpoint_url=server.endpoint_url,
-        region=server.region,
-        access_key_id=server.access_key,
-        secret_access_key=server.secret_key,
-        **overrides,  # type: ignore[arg-type]
-    )
+    """Client settings for the server's admin identity; ``overrides`` replace any field."""
+    fields: dict[str, object] = {
+        "endpoint_url": server.endpoint_url,
+        "region": server.region,
+        "access_key_id": server.access_key,
+        "secret_access_key": server.secret_key,
+    }
+    return ClientConfig(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
+def reader_client_config(server: LocalS3Server, **overrides: object) -> ClientConfig:
+    """Client settings of the read-only identity."""
+    return client_config_for(server, access_key_id=READER.access_key, secret_access_key=READER.secret_key, **overrides)
 
 
 @pytest.fixture

@@ -134,10 +134,8 @@ class _Outcome(Generic[T]):
 
 
 def _portable(exc: Exception) -> Exception:
-    """``exc`` if it survives pickling (its cause and traceback never travel), else an equivalent that does.
-
-    Checked before the broadcast: if pickling failed inside it, the other ranks would wait for rank 0 forever.
-    """
+    """``exc`` if it survives pickling (cause and traceback never travel), else an equivalent that does:
+    checked before the broadcast, because a pickling error inside it would leave the other ranks waiting."""
     try:
         pickle.loads(pickle.dumps(exc))
     except Exception:

@@ -55,6 +55,7 @@ _SERVICES = ("master", "volume", "filer", "s3", "admin")  # mini always runs the
 _START_ATTEMPTS = 3  # another process can take a port between our probe and weed's bind
 _STOP_GRACE_S = 3.0
 _SOCKET_DIR = Path("/tmp")  # weed hard-codes its gRPC unix sockets here, ignoring TMPDIR
+_TMP_PREFIX = "s3ckpt-weed-"
 _PORT_CLASH = ("not available", "address already in use")
 _ERROR_LINE = re.compile(r"[EF]\d{4} |flag provided but not defined|invalid value")
 
@@ -177,6 +178,18 @@ def _remove_stale_sockets(ports: Sequence[int]) -> None:
                         path.unlink()
 
 
+def _sweep_orphaned_dirs() -> None:
+    # A killed process (SIGKILL, or SIGTERM without a handler) takes weed with it but leaves its temporary
+    # data dir behind; reclaim those whose owner is gone.
+    for d in Path(tempfile.gettempdir()).glob(f"{_TMP_PREFIX}*"):
+        try:
+            os.kill(int((d / "owner.pid").read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            pass  # no owner file yet, or the owner is alive but not ours to signal
+
+
 def _weed_env() -> dict[str, str]:
     # mini turns AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into an identity, S3_BUCKET into buckets, and WEED_*
     # overrides its config: none of the caller's environment should reach the embedded server.
@@ -253,7 +266,12 @@ class LocalS3Server:
             weed = find_weed()
             t0 = time.monotonic()
             deadline = t0 + self._timeout_s
-            self._dir = self._given_dir or Path(tempfile.mkdtemp(prefix="s3ckpt-weed-"))
+            if self._given_dir is None:
+                _sweep_orphaned_dirs()
+                self._dir = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
+                (self._dir / "owner.pid").write_text(str(os.getpid()))
+            else:
+                self._dir = self._given_dir
             (self._dir / "weed").mkdir(parents=True, exist_ok=True)
             # mini re-applies flags saved by the previous run over unset ones; ours are authoritative.
             (self._dir / "weed" / "mini.options").unlink(missing_ok=True)

@@ -74,11 +74,11 @@ def _download(t: S3Transport, bucket: str, key: str) -> bytes:
     return bytes(out)
 
 
-def _state_dict(seed: int = 0) -> dict[str, object]:
-    """A small model state dict of about 12 MB: three 5 MiB parts on the wire."""
+def _state_dict(seed: int = 0, rows: int = 3000) -> dict[str, object]:
+    """A small model state dict of ``rows`` x 1000 float32 weights: 3000 rows (12 MB) are three 5 MiB parts."""
     g = torch.Generator().manual_seed(seed)
     return {
-        "layer.weight": torch.randn(3000, 1000, generator=g),
+        "layer.weight": torch.randn(rows, 1000, generator=g),
         "layer.bias": torch.randn(1000, generator=g),
         "step": 7,
     }
@@ -247,34 +247,38 @@ def test_connection_faults_are_retried(
 
 
 @pytest.mark.parametrize("conditional", [False, True], ids=["plain", "if-none-match"])
-def test_lost_complete_response(
+@pytest.mark.parametrize("kind", ["CompleteMultipartUpload", "PutObject"])
+def test_lost_write_response(
     fault_proxy: FaultProxy,
     faulty_transport: S3Transport,
     bucket: str,
     prefix: str,
     data: bytes,
+    kind: str,
     conditional: bool,
 ) -> None:
-    """The real proxy in front of the real server forwards the first CompleteMultipartUpload (SeaweedFS
-    completes the object) and then resets the connection instead of returning the answer: a lost response.
-    The writer retries Complete and takes whatever SeaweedFS answers: 200 again for a plain upload, 412 for
-    a conditional (If-None-Match) one, where the writer then HEADs the key and recognises its own object by
-    its nonce. Either way the save reports success, no upload is left open, and the object is complete and
-    byte-identical."""
+    """The real proxy in front of the real server forwards the request that makes the object visible (the
+    CompleteMultipartUpload of a 17.5 MiB upload, or the single PutObject of a 1 MiB one), so SeaweedFS
+    stores the object, then resets the connection instead of returning the answer: a lost response. The
+    writer retries and takes whatever SeaweedFS answers: 200 again for a plain write, 412 for a conditional
+    (If-None-Match) one, where the writer HEADs the key and recognises its own object by its nonce. Either
+    way the save reports success, no upload is left open, and the object is complete and byte-identical."""
     t = faulty_transport
-    fault_proxy.add(Fault("CompleteMultipartUpload", "drop_response", count=1))
+    payload = data if kind == "CompleteMultipartUpload" else data[:MiB]
+    fault_proxy.add(Fault(kind, "drop_response", count=1))
 
     key = prefix + "ckpt.bin"
-    w = _upload(t, bucket, key, data, if_none_match=conditional)
+    w = _upload(t, bucket, key, payload, if_none_match=conditional)
 
-    completes = fault_proxy.entries("CompleteMultipartUpload")
-    assert [(e.action, e.status) for e in completes] == [("drop_response", 200), (None, 412 if conditional else 200)]
-    assert w.result.size == len(data) and w.result.parts == PARTS
+    answers = [(e.action, e.status) for e in fault_proxy.entries(kind)]
+    assert answers == [("drop_response", 200), (None, 412 if conditional else 200)]
+    assert w.result.size == len(payload)
+    assert w.result.parts == (PARTS if kind == "CompleteMultipartUpload" else 0)
     info = ops.head(t, bucket, key)
     assert info.metadata[NONCE_META] == w.nonce
     assert info.etag == w.result.etag
     assert ops.list_uploads(t, bucket, prefix) == []
-    assert _download(t, bucket, key) == data
+    assert _download(t, bucket, key) == payload
 
 
 def test_lost_complete_response_checkpoint(
@@ -309,7 +313,9 @@ def test_failure_beyond_retry_budget_aborts(
     """The real proxy in front of the real server answers every UploadPart with 503 SlowDown. With a 3 s
     deadline the save raises ``S3TransferError`` (its botocore error as ``__cause__``) within the deadline
     plus a margin, aborts its multipart upload (nothing left in ListMultipartUploads), leaves no object at
-    the key, and an earlier checkpoint at another key still loads."""
+    the key, and an earlier checkpoint at another key still loads. The doomed checkpoint (8 parts) is larger
+    than the parts in flight, so the error surfaces inside ``torch.save``'s ``write()`` call and must come
+    out as ours, not as torch's "unexpected pos" RuntimeError."""
     deadline = 3.0
     t = make_faulty_transport(
         retry=RetryConfig(max_attempts=100, base_delay_s=0.02, max_delay_s=0.2, deadline_s=deadline)
@@ -321,7 +327,7 @@ def test_failure_beyond_retry_budget_aborts(
 
     start = time.monotonic()
     with pytest.raises(S3TransferError) as info:
-        save(_state_dict(3), f"s3://{bucket}/{doomed_key}", transport=t)
+        save(_state_dict(3, rows=10_000), f"s3://{bucket}/{doomed_key}", transport=t)
     elapsed = time.monotonic() - start
 
     assert deadline * 0.8 <= elapsed < deadline + 2.0, elapsed
@@ -369,22 +375,28 @@ def _assert_denied_fast(
         assert secret not in text
 
 
-def test_access_denied_read_only_identity_fails_at_once(ro_server: LocalS3Server) -> None:
+@pytest.mark.parametrize(("rows", "first_request"), [(1, "PutObject"), (3000, "CreateMultipartUpload")])
+def test_access_denied_read_only_identity_fails_at_once(
+    ro_server: LocalS3Server, rows: int, first_request: str
+) -> None:
     """A read-only identity saves through the real proxy in front of a real server that refuses the write
-    (AccessDenied): ``S3AccessDeniedError`` (a PermissionError) after exactly one request, in well under
-    2 s, naming bucket and key, with the botocore error as ``__cause__`` and no secret in the message. The
-    same identity can read, so the refusal is the permission, not the credentials."""
+    (AccessDenied on the single PutObject of a small checkpoint, or on the CreateMultipartUpload that a
+    large one issues from inside ``torch.save``'s ``write()``): ``S3AccessDeniedError`` (a PermissionError)
+    after exactly one request, in well under 2 s, naming bucket and key, with the botocore error as
+    ``__cause__`` and no secret in the message. The same identity can read, so the refusal is the
+    permission, not the credentials."""
+    url = f"s3://shared/run/denied-{rows}.ckpt"
     with FaultProxy(ro_server.endpoint_url) as proxy:
         t = transport_via(proxy, ro_server, access_key="s3ckpt-reader", secret_key=_READER_SECRET)
         start = time.monotonic()
         with pytest.raises(S3AccessDeniedError) as info:
-            save({"w": torch.zeros(4)}, "s3://shared/run/denied.ckpt", transport=t)
+            save(_state_dict(rows=rows), url, transport=t)
         elapsed = time.monotonic() - start
 
         err = info.value
-        _assert_denied_fast(err, elapsed, t, proxy, "s3://shared/run/denied.ckpt", _READER_SECRET)
+        _assert_denied_fast(err, elapsed, t, proxy, url, _READER_SECRET)
         assert err.__cause__.response["Error"]["Code"] == "AccessDenied"  # type: ignore[union-attr]
-        assert proxy.log[0].kind == "PutObject" and proxy.log[0].status == 403
+        assert (proxy.log[0].kind, proxy.log[0].status) == (first_request, 403)
         assert ops.get_bytes(t, "shared", "existing.bin") == b"readable"
 
 

@@ -14,7 +14,7 @@ from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..transport.context import S3Transport
 from .output import Output
 
-__all__ = ["CommandError", "Context", "UsageError", "age_cutoff", "parse_duration", "s3_url"]
+__all__ = ["CommandError", "Context", "UsageError", "age_cutoff", "format_duration", "parse_duration", "s3_url"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,16 @@ def parse_duration(text: str) -> timedelta:
     if value < 0 or value != value:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: it must not be negative")
     return timedelta(seconds=value * _DURATION_UNITS[unit])
+
+
+def format_duration(delta: timedelta) -> str:
+    """The largest whole unit: ``timedelta(hours=24)`` -> ``1d``, ``timedelta(minutes=90)`` -> ``90m``."""
+    seconds = delta.total_seconds()
+    for unit in ("w", "d", "h", "m"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def age_cutoff(older_than: timedelta) -> datetime:

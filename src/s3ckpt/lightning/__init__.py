@@ -13,14 +13,17 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
 
 from .callbacks import S3CheckpointMetrics
 from .checkpoint_io import S3CheckpointIO, SaveRecord
+from .connector import S3CheckpointConnector, configure_s3_resume
 from .fs import S3FileSystem
 from .model_checkpoint import S3ModelCheckpoint, find_s3_checkpoint_io
 
 __all__ = [
+    "S3CheckpointConnector",
     "S3CheckpointIO",
     "S3CheckpointMetrics",
     "S3FileSystem",
     "S3ModelCheckpoint",
     "SaveRecord",
+    "configure_s3_resume",
     "find_s3_checkpoint_io",
 ]

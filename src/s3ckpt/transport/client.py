@@ -16,6 +16,7 @@ import boto3
 import botocore.config
 
 from ..config import ClientConfig
+from . import redact
 
 __all__ = ["ClientFactory"]
 
@@ -118,12 +119,20 @@ class ClientFactory:
                 "use it only for a trusted test endpoint",
                 cfg.endpoint_url or "AWS S3",
             )
+        redact.register_secret(cfg.secret_access_key)
+        redact.register_secret(cfg.session_token)
+        creds = session.get_credentials()
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            redact.register_secret(frozen.secret_key)
+            redact.register_secret(frozen.token)
         client = session.client(
             "s3",
             endpoint_url=cfg.endpoint_url,
             config=bc_config,
             verify=verify,
         )
+        redact.install()
         log.debug(
             "built S3 client: endpoint=%s region=%s addressing=%s pid=%d",
             cfg.endpoint_url or "aws",

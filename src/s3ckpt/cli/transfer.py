@@ -1,0 +1,196 @@
+"""The three copies behind ``s3ckpt cp``: upload, download, and S3-to-S3; each leaves a result that verifies.
+
+* upload: the streaming multipart writer (bounded memory), then a manifest with the CRC32C it computed.
+* download: parallel ranged GETs into a file mapped in memory, checked against the recorded CRC32C before
+  it is renamed into place (a corrupted checkpoint is never silently copied out).
+* S3 to S3: a server-side ``CopyObject`` when the source's CRC32C is known and it is under 5 GiB (no bytes
+  through this machine); otherwise a stream through it with the CRC32C checked before the upload completes.
+  Either way a new manifest is written: the source's describes another object (ETag, nonce).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import time
+import uuid
+import zipfile
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import crc32c as _crc32c
+
+from ..config import MAX_PART_SIZE
+from ..errors import CheckpointCorruptedError
+from ..layout import expected_crc32c, read_manifest, summarize_meta, write_manifest
+from ..serialization import crc32c_of
+from ..transport.context import S3Transport
+from ..transport.download import download_into
+from ..transport.ops import ObjectInfo, head
+from ..transport.upload import NONCE_META, MultipartWriter, UploadResult
+from .safe_pickle import safe_load
+from .zipread import RangeReader
+
+__all__ = ["copy_s3_to_s3", "download_to_file", "local_meta", "upload_file"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None] | None
+_READ_CHUNK = 8 * 1024 * 1024
+# Ranges read ahead of the writer in a streamed S3-to-S3 copy: enough to keep the upload busy, few enough
+# to bound memory (this many x read_chunk_size).
+_STREAM_WINDOW = 4
+
+
+def local_meta(path: Path) -> dict[str, Any]:
+    """Step and epoch of a local ``torch.save`` file for its manifest, from its pickle alone; ``{}`` if
+    it is not one (the upload itself does not depend on it)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return {}
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            if not names:
+                return {}
+            return summarize_meta(safe_load(archive.read(min(names, key=len))).root)
+    except Exception as exc:  # best effort: an unreadable pickle still uploads, without step/epoch
+        log.debug("no step/epoch from %s: %s", path, exc)
+        return {}
+
+
+def upload_file(
+    t: S3Transport, path: Path, bucket: str, key: str, *, manifest: bool, progress: Progress
+) -> UploadResult:
+    """Stream a local file into ``s3://bucket/key``, then write its manifest (if ``manifest``)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f, MultipartWriter(t, bucket, key, expected_size=size, progress=progress) as writer:
+        while chunk := f.read(_READ_CHUNK):
+            writer.write(chunk)
+    result = writer.result
+    if manifest:
+        write_manifest(t, result, local_meta(path))
+    return result
+
+
+def download_to_file(t: S3Transport, info: ObjectInfo, dest: Path, *, verify: bool, progress: Progress) -> str:
+    """Download into ``dest`` via a temporary file renamed into place; returns how it was verified.
+
+    Raises:
+        CheckpointCorruptedError: the bytes do not match the recorded CRC32C (``dest`` is left untouched).
+    """
+    expected, source = expected_crc32c(t, info) if verify else (None, "not verified (--no-verify)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.s3ckpt-partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb+") as f:
+            f.truncate(info.size)
+            actual = 0
+            if info.size:
+                with mmap.mmap(f.fileno(), info.size) as m:
+                    view = memoryview(m)
+                    try:
+                        download_into(t, info, view, progress=progress)
+                        actual = crc32c_of(view) if expected is not None else 0
+                    finally:
+                        view.release()
+        if expected is not None and actual != expected:
+            raise CheckpointCorruptedError(
+                f"s3://{info.bucket}/{info.key} is corrupted: CRC32C {actual:08x}, the {source} recorded "
+                f"{expected:08x}; nothing was written to {dest}"
+            )
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if expected is None and verify:
+        log.warning("s3://%s/%s copied unverified: %s", info.bucket, info.key, source)
+    return source
+
+
+def _source_meta(t: S3Transport, info: ObjectInfo) -> dict[str, Any]:
+    manifest = read_manifest(t, info.bucket, info.key)
+    return dict(manifest.meta) if manifest else {}
+
+
+def _server_side_copy(t: S3Transport, src: ObjectInfo, bucket: str, key: str, crc: int) -> UploadResult:
+    nonce = uuid.uuid4().hex
+    kwargs: dict[str, Any] = {
+        "Bucket": bucket,
+        "Key": key,
+        "CopySource": {"Bucket": src.bucket, "Key": src.key},
+        "CopySourceIfMatch": src.etag,
+        # A fresh nonce ties the new manifest to this copy, not to the source object.
+        "MetadataDirective": "REPLACE",
+        "Metadata": {**src.metadata, NONCE_META: nonce},
+    }
+    if t.clients.config.checksum_algorithm == "CRC32C":
+        kwargs["ChecksumAlgorithm"] = "CRC32C"
+    t.call("CopyObject", bucket, key, lambda c: c.copy_object(**kwargs))
+    copied = head(t, bucket, key)
+    return UploadResult(bucket, key, copied.size, copied.etag, crc, 1, copied.metadata.get(NONCE_META, nonce))
+
+
+def _streamed_copy(
+    t: S3Transport, src: ObjectInfo, bucket: str, key: str, expected: int | None, progress: Progress
+) -> UploadResult:
+    reader = RangeReader(t, src)
+    chunk = t.transfer.read_chunk_size
+    ranges = deque((start, min(start + chunk, src.size)) for start in range(0, src.size, chunk))
+    crc = 0
+    with (
+        ThreadPoolExecutor(_STREAM_WINDOW, thread_name_prefix="s3ckpt-cp") as pool,
+        MultipartWriter(t, bucket, key, expected_size=src.size, progress=progress) as writer,
+    ):
+        pending: deque[Future[bytes]] = deque()
+        while ranges or pending:
+            while ranges and len(pending) < _STREAM_WINDOW:
+                pending.append(pool.submit(reader.read, *ranges.popleft()))
+            data = pending.popleft().result()
+            crc = _crc32c.crc32c(data, crc)
+            writer.write(data)
+        if expected is not None and crc != expected:
+            # Raised inside the writer's block: the upload is aborted, no corrupted copy appears.
+            raise CheckpointCorruptedError(
+                f"s3://{src.bucket}/{src.key} is corrupted: CRC32C {crc:08x}, recorded {expected:08x}; not copied"
+            )
+    return writer.result
+
+
+def copy_s3_to_s3(
+    t: S3Transport,
+    src: ObjectInfo,
+    bucket: str,
+    key: str,
+    *,
+    manifest: bool,
+    stream: bool,
+    progress: Progress,
+) -> tuple[UploadResult, str]:
+    """Copy one object between S3 locations; returns the result and the method used.
+
+    Raises:
+        CheckpointCorruptedError: the source does not match its recorded CRC32C (nothing is copied when the
+            bytes go through this machine; a server-side copy keeps the recorded CRC32C, so ``verify``
+            reports the copy as corrupted too).
+    """
+    expected, _ = expected_crc32c(t, src)
+    if expected is not None and src.size < MAX_PART_SIZE and not stream:
+        result, method = _server_side_copy(t, src, bucket, key, expected), "server-side"
+        if progress is not None:
+            progress(src.size)
+    else:
+        result, method = _streamed_copy(t, src, bucket, key, expected, progress), "stream"
+    if manifest:
+        write_manifest(t, result, _source_meta(t, src))
+    return result, method
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()`` and the seconds it took."""
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start

@@ -1,0 +1,309 @@
+"""Sharded checkpoints through torch.distributed.checkpoint on the real server, with real gloo ranks.
+
+Ranks are subprocesses (``python -m tests.distributed.test_dcp <cfg> <rank>``) rendezvousing through a
+FileStore, so no port is picked and none can be taken by a parallel run. State is DTensor-sharded over a
+CPU DeviceMesh (uneven shards on purpose), plus a replicated DTensor, a plain tensor and a non-tensor.
+Tensors are small: 4 ranks share 2 cores with the server and other test runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from s3ckpt.catalog import list_checkpoints
+from s3ckpt.config import ClientConfig, RetryConfig, TransferConfig
+from s3ckpt.transport import S3Transport, ops
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULT_TAG = "DCP-RESULT "
+MiB = 1024 * 1024
+
+
+# -- shared by the test process and the rank processes --------------------------------------------------------
+
+
+def full_state(seed: int, big_rows: int = 0) -> dict[str, torch.Tensor]:
+    """The unsharded tensors of checkpoint ``seed``; ``layer.big`` (``big_rows`` x 1024 fp32) forces multipart."""
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "layer.big": torch.randn(max(big_rows, 8), 1024, generator=g),
+        "layer.w": torch.randn(37, 64, generator=g),  # 37 rows: uneven shards over 2 and 4 ranks
+        "emb": torch.randn(24, 16, generator=g).to(torch.bfloat16),
+        "rep": torch.randn(8, 8, generator=g),
+        "plain": torch.arange(seed, seed + 10),
+    }
+    return state
+
+
+def _transport(cfg: dict[str, Any]) -> S3Transport:
+    return S3Transport.create(
+        client=ClientConfig(endpoint_url=cfg["endpoint"], access_key_id=cfg["ak"], secret_access_key=cfg["sk"]),
+        retry=RetryConfig(max_attempts=5, base_delay_s=0.05, max_delay_s=0.5, deadline_s=60),
+        transfer=TransferConfig(chunk_size_MB=5, max_write_concurrency=2, max_read_concurrency=4, read_chunk_size_MB=2),
+    )
+
+
+# -- rank process ------------------------------------------------------------------------------------------------
+
+
+def _rank_main(cfg_json: str, rank_arg: str) -> None:  # pragma: no cover - runs in the rank processes
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from s3ckpt.dcp import NumericPrefixStrategy, S3StorageReader, S3StorageWriter
+
+    cfg, rank = json.loads(cfg_json), int(rank_arg)
+    torch.set_num_threads(1)
+    ws = cfg["world_size"]
+    dist.init_process_group(
+        "gloo", init_method=f"file://{cfg['store']}", rank=rank, world_size=ws, timeout=timedelta(seconds=60)
+    )
+    mesh = init_device_mesh("cpu", (ws,))
+    t = _transport(cfg)
+    placements = {"layer.big": [Shard(0)], "layer.w": [Shard(0)], "emb": [Shard(1)], "rep": [Replicate()]}
+
+    def state_for(seed: int, big_rows: int, empty: bool) -> dict[str, Any]:
+        full = full_state(seed, big_rows)
+        out: dict[str, Any] = {
+            k: distribute_tensor(torch.zeros_like(v) if empty else v, mesh, placements[k], src_data_rank=None)
+            for k, v in full.items()
+            if k in placements
+        }
+        out["plain"] = torch.zeros_like(full["plain"]) if empty else full["plain"]
+        out["meta"] = {"seed": -1 if empty else seed, "tag": "" if empty else f"ckpt-{seed}"}
+        return out
+
+    class HangingPlanner(DefaultSavePlanner):
+        """Blocks the victim rank before its last tensor, after the earlier ones went into the upload."""
+
+        def resolve_data(self, write_item: Any) -> Any:
+            if rank == cfg["victim"] and write_item.type != WriteItemType.BYTE_IO:
+                self.seen = getattr(self, "seen", 0) + 1
+                if self.seen == sum(1 for i in self.plan.items if i.type != WriteItemType.BYTE_IO):
+                    Path(cfg["marker"]).write_text("uploading")
+                    time.sleep(600)
+            return super().resolve_data(write_item)
+
+    results = []
+    for op in cfg["ops"]:
+        kind, url, seed, big = op["op"], op["url"], op["seed"], op.get("big_rows", 0)
+        strategy = NumericPrefixStrategy(op["prefixes"]) if op.get("prefixes") else None
+        start = time.perf_counter()
+        if kind in ("save", "async_save", "hang_save"):
+            writer = S3StorageWriter(url, transport=t, prefix_strategy=strategy)
+            state = state_for(seed, big, empty=False)
+            if kind == "async_save":
+                dcp.async_save(state, storage_writer=writer).result()
+            else:
+                dcp.save(state, storage_writer=writer, planner=HangingPlanner() if kind == "hang_save" else None)
+        else:
+            state = state_for(seed, big, empty=True)
+            dcp.load(state, storage_reader=S3StorageReader(url, transport=t))
+            expected = state_for(seed, big, empty=False)
+            for k, v in state.items():
+                if isinstance(v, DTensor):
+                    assert torch.equal(v.to_local(), expected[k].to_local()), f"{url} {k} rank {rank}"
+            assert torch.equal(state["plain"], expected["plain"]), url
+            assert state["meta"] == expected["meta"], (url, state["meta"])
+        results.append({"op": kind, "url": url, "s": round(time.perf_counter() - start, 3)})
+    dist.barrier()
+    dist.destroy_process_group()
+    print(RESULT_TAG + json.dumps(results), flush=True)
+
+
+# -- test process --------------------------------------------------------------------------------------------------
+
+
+def run_ranks(
+    server: Any, world_size: int, ops_: list[dict[str, Any]], workdir: Path, *, victim: int = -1, timeout_s: float = 150
+) -> list[list[dict[str, Any]]]:
+    """Run ``ops_`` on ``world_size`` rank processes; return each rank's results. With ``victim``, SIGKILL that
+    rank once it is blocked mid-upload, wait for the others to fail, and return nothing."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker = workdir / "victim-uploading"
+    cfg = {
+        "endpoint": server.endpoint_url,
+        "ak": server.access_key,
+        "sk": server.secret_key,
+        "world_size": world_size,
+        "store": str(workdir / f"store-{uuid.uuid4().hex}"),
+        "ops": ops_,
+        "victim": victim,
+        "marker": str(marker),
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
+    logs = [workdir / f"rank{r}.log" for r in range(world_size)]
+    procs = []
+    for r in range(world_size):
+        with open(logs[r], "wb") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tests.distributed.test_dcp", json.dumps(cfg), str(r)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    deadline = time.monotonic() + timeout_s
+
+    def tails() -> str:
+        return "\n".join(f"--- rank {r} ---\n" + logs[r].read_text()[-3000:] for r in range(world_size))
+
+    try:
+        if victim >= 0:
+            while not marker.exists():
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise AssertionError(f"victim rank never reached its upload\n{tails()}")
+                time.sleep(0.05)
+            procs[victim].send_signal(signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"ranks did not finish in {timeout_s} s\n{tails()}") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if victim >= 0:
+        assert procs[victim].returncode == -signal.SIGKILL
+        return []
+    if any(p.returncode != 0 for p in procs):
+        raise AssertionError(f"rank(s) failed: {[p.returncode for p in procs]}\n{tails()}")
+    results = []
+    for log in logs:
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith(RESULT_TAG)]
+        results.append(json.loads(lines[-1][len(RESULT_TAG) :]))
+    return results
+
+
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+
+BIG_ROWS = 6 * 1536  # layer.big = 36 MiB: 9 MiB per rank of 4, so each rank file is a multipart upload
+
+
+@pytest.fixture(scope="module")
+def dcp_bucket(s3_server: Any) -> str:
+    from tests.conftest import new_bucket_name
+
+    return str(s3_server.create_bucket(new_bucket_name("dcp")))
+
+
+@pytest.fixture(scope="module")
+def saved_by_4(s3_server: Any, dcp_bucket: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Three checkpoints saved by 4 ranks (flat, prefix strategy, async_save), each loaded back by the 4."""
+    base = f"s3://{dcp_bucket}/run4"
+    urls = {"flat": f"{base}/step-1", "prefixed": f"{base}/step-2", "async": f"{base}/step-3"}
+    plan = [
+        {"op": "save", "url": urls["flat"], "seed": 1, "big_rows": BIG_ROWS},
+        {"op": "save", "url": urls["prefixed"], "seed": 2, "prefixes": 3},
+        {"op": "async_save", "url": urls["async"], "seed": 3},
+        {"op": "load", "url": urls["flat"], "seed": 1, "big_rows": BIG_ROWS},
+        {"op": "load", "url": urls["prefixed"], "seed": 2},
+        {"op": "load", "url": urls["async"], "seed": 3},
+    ]
+    start = time.perf_counter()
+    results = run_ranks(s3_server, 4, plan, tmp_path_factory.mktemp("ranks4"))
+    return {"urls": urls, "results": results, "seconds": time.perf_counter() - start}
+
+
+@pytest.fixture(scope="module")
+def loaded_by_2(s3_server: Any, saved_by_4: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The 4-rank checkpoints loaded by 2 ranks, and a 2-rank save and load."""
+    urls = saved_by_4["urls"]
+    two = urls["flat"].replace("run4/step-1", "run2/step-7")
+    plan = [
+        {"op": "load", "url": urls["flat"], "seed": 1, "big_rows": BIG_ROWS},
+        {"op": "load", "url": urls["prefixed"], "seed": 2},
+        {"op": "load", "url": urls["async"], "seed": 3},
+        {"op": "save", "url": two, "seed": 7},
+        {"op": "load", "url": two, "seed": 7},
+    ]
+    return run_ranks(s3_server, 2, plan, tmp_path_factory.mktemp("ranks2")), two
+
+
+@pytest.fixture
+def t(s3_server: Any) -> S3Transport:
+    return _transport({"endpoint": s3_server.endpoint_url, "ak": s3_server.access_key, "sk": s3_server.secret_key})
+
+
+def _keys(t: S3Transport, url: str) -> list[str]:
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    return sorted(o.key[len(prefix) + 1 :] for o in ops.list_objects(t, bucket, prefix + "/"))
+
+
+def _load_full(url: str, seed: int, t: S3Transport, big_rows: int = 0, **reader: Any) -> None:
+    """Load ``url`` in this process (world size 1) into unsharded tensors and compare with the originals."""
+    from s3ckpt import dcp as s3dcp
+
+    expected = full_state(seed, big_rows)
+    state: dict[str, Any] = {k: torch.zeros_like(v) for k, v in expected.items()}
+    state["meta"] = {"seed": -1, "tag": ""}
+    s3dcp.load(state, url, transport=t, no_dist=True, **reader)
+    for k, v in expected.items():
+        assert torch.equal(state[k], v), k
+    assert state["meta"] == {"seed": seed, "tag": f"ckpt-{seed}"}
+
+
+@pytest.mark.timeout(240)
+def test_save_and_load_4_ranks(saved_by_4: dict[str, Any], t: S3Transport) -> None:
+    urls = saved_by_4["urls"]
+    assert len(saved_by_4["results"]) == 4 and all(len(r) == 6 for r in saved_by_4["results"])
+    flat = _keys(t, urls["flat"])
+    assert flat == [".metadata", ".metadata.s3ckpt.json", *[f"__{r}_0.distcp" for r in range(4)]]
+    bucket, key = urls["flat"][5:].split("/", 1)
+    manifest = json.loads(ops.get_bytes(t, bucket, key + "/.metadata.s3ckpt.json"))
+    assert manifest["world_size"] == 4
+    for r in range(4):
+        info = ops.head(t, bucket, f"{key}/__{r}_0.distcp")
+        assert manifest["files"][f"__{r}_0.distcp"]["size"] == info.size > 9 * MiB
+        assert "-" in info.etag, "a multipart upload"
+    (entry,) = [e for e in list_checkpoints(t, urls["flat"]) if e.kind == "sharded"]
+    assert entry.committed and entry.url.rstrip("/") == urls["flat"]
+
+
+@pytest.mark.timeout(240)
+def test_reshard_4_to_2_and_2_rank_round_trip(loaded_by_2: Any) -> None:
+    results, _ = loaded_by_2
+    assert [r["op"] for r in results[0]] == ["load", "load", "load", "save", "load"]
+
+
+def test_reshard_4_to_1(saved_by_4: dict[str, Any], t: S3Transport) -> None:
+    _load_full(saved_by_4["urls"]["flat"], 1, t, BIG_ROWS)
+    _load_full(saved_by_4["urls"]["async"], 3, t)
+
+
+def test_prefix_strategy_layout(saved_by_4: dict[str, Any], t: S3Transport) -> None:
+    keys = _keys(t, saved_by_4["urls"]["prefixed"])
+    assert keys == [
+        ".metadata",
+        ".metadata.s3ckpt.json",
+        "__shard0/__0_0.distcp",
+        "__shard0/__3_0.distcp",
+        "__shard1/__1_0.distcp",
+        "__shard2/__2_0.distcp",
+    ]
+    _load_full(saved_by_4["urls"]["prefixed"], 2, t)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _rank_main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,86 @@
+"""budget: NeMo's request-rate rule (concurrency x tp x pp x 1.15 per prefix) and the key-spreading helpers."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+from s3ckpt.budget import (
+    S3_READS_PER_PREFIX,
+    S3_WRITES_PER_PREFIX,
+    check_request_budget,
+    spread_key,
+    spread_prefixes,
+    spread_url,
+)
+from s3ckpt.errors import ConfigError
+
+
+def test_defaults_fit_without_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        budget = check_request_budget(10, 15)
+    assert budget.ok
+    assert budget.writes == pytest.approx(10 * 1.15)
+    assert budget.reads == pytest.approx(15 * 1.15)
+    assert (budget.write_limit, budget.read_limit) == (S3_WRITES_PER_PREFIX, S3_READS_PER_PREFIX) == (3500, 5500)
+
+
+def test_math_at_the_boundary() -> None:
+    # 10 x 304 x 1.15 = 3496 writes/s: fits; 305 tp ranks -> 3507.5: does not.
+    assert check_request_budget(10, 1, tp=304).writes_ok
+    with pytest.warns(UserWarning, match="write budget"):
+        over = check_request_budget(10, 1, tp=305)
+    assert over.writes == pytest.approx(3507.5) and not over.writes_ok and over.reads_ok
+
+
+def test_warning_names_numbers_and_fix(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="s3ckpt.budget"), pytest.warns(UserWarning) as record:
+        budget = check_request_budget(10, 15, tp=64, pp=8)
+    assert not budget.writes_ok and not budget.reads_ok
+    text = str(record[0].message)
+    assert "max_write_concurrency=10 x tp*pp=512 x headroom 1.15" in text
+    assert "5,888 writes/s per prefix, over S3's 3,500" in text
+    assert "lower max_write_concurrency to 5" in text and "at least 2 prefixes" in text
+    assert "max_read_concurrency=15" in text and "8,832 reads/s" in text
+    assert "S3 write budget exceeded" in caplog.text
+
+
+def test_strict_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"read budget exceeded: max_read_concurrency=100 x tp\*pp=64"):
+        check_request_budget(1, 100, tp=8, pp=8, strict=True)
+    check_request_budget(10, 15, tp=8, pp=8, strict=True)  # 736 / 1104: fits
+
+
+def test_prefixes_and_readers_change_the_budget() -> None:
+    with pytest.warns(UserWarning):
+        assert not check_request_budget(10, 1, tp=400).writes_ok
+    assert check_request_budget(10, 1, tp=400, n_prefixes=2).writes_ok
+    with pytest.raises(ConfigError, match="x 8 readers per shard"):
+        check_request_budget(1, 15, tp=64, readers_per_shard=8, strict=True)
+    with pytest.raises(ConfigError, match="cannot go low enough"):
+        check_request_budget(1, 1, tp=4000, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((0, 15), {}), ((10, -1), {}), ((10, 15, 0), {}), ((True, 15), {}), ((10, 15), {"headroom": 0.5})],
+)
+def test_rejects_bad_arguments(args: tuple[int, ...], kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        check_request_budget(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_spread_key_is_stable_and_spread() -> None:
+    keys = [spread_key("run/x.ckpt", rank, 4) for rank in range(8)]
+    assert keys[:4] == keys[4:], "rank r and r + n share a prefix"
+    assert len(set(keys[:4])) == 4
+    assert all(k.endswith("/run/x.ckpt") for k in keys)
+    assert len({k[:2] for k in keys[:4]}) > 1, "tags differ in their first characters"
+    assert spread_key("run/x.ckpt", 3, 1) == "run/x.ckpt"
+    assert [p + "x.ckpt" for p in spread_prefixes("run/", 4)] == keys[:4]
+    assert spread_url("s3://bkt/run/x.ckpt", 2, 4) == f"s3://bkt/{keys[2]}"
+    with pytest.raises(ConfigError):
+        spread_key("run/x.ckpt", -1, 4)
