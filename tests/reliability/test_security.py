@@ -220,7 +220,7 @@ def test_https_verifies_certificates_by_default(
         ),
         retry=RetryConfig(max_attempts=2, base_delay_s=0.01, deadline_s=5),
     )
-    with pytest.raises(S3TransferError, match="(?i)ssl|certificate"):
+    with pytest.raises(S3TransferError, match=r"(?i)ssl|certificate"):
         s3ckpt.save({"w": torch.ones(2)}, ckpt, transport=default)
 
     with_ca = _t(
