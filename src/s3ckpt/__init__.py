@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import SaveStats, VerifyResult, delete, load, save, verify
 from .config import ClientConfig, RetryConfig, TransferConfig
 from .errors import (
     CheckpointCorruptedError,
@@ -29,10 +28,11 @@ from .errors import (
     S3TransferError,
     UnsafeCheckpointError,
 )
-from .s3_utils import S3Utils
 
 if TYPE_CHECKING:
+    from .checkpoint import SaveStats, VerifyResult, delete, load, save, verify
     from .lightning.checkpoint_io import S3CheckpointIO
+    from .s3_utils import S3Utils
 
 __version__ = "0.1.0"
 
@@ -60,11 +60,27 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # S3CheckpointIO subclasses Lightning's CheckpointIO; importing it lazily keeps `import s3ckpt` (and
-    # plain save/load) working without the lightning extra.
-    if name == "S3CheckpointIO":
-        from .lightning.checkpoint_io import S3CheckpointIO
+_LAZY = {
+    "SaveStats": "checkpoint",
+    "VerifyResult": "checkpoint",
+    "delete": "checkpoint",
+    "load": "checkpoint",
+    "save": "checkpoint",
+    "verify": "checkpoint",
+    "S3Utils": "s3_utils",
+    "S3CheckpointIO": "lightning.checkpoint_io",
+}
 
-        return S3CheckpointIO
-    raise AttributeError(f"module 's3ckpt' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: torch (checkpoint, S3Utils) costs seconds, and `python -m s3ckpt.server` or the
+    # CLI's help should not pay it; S3CheckpointIO subclasses Lightning's CheckpointIO, so importing it lazily
+    # keeps `import s3ckpt` and plain save/load working without the lightning extra.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 's3ckpt' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -36,7 +37,7 @@ def server() -> Iterator[LocalS3Server]:
 
 
 @pytest.fixture(scope="module")
-def bucket(server: LocalS3Server) -> str:
+def mbucket(server: LocalS3Server) -> str:
     # One bucket for the module: the first write into a new bucket costs ~0.2 s in SeaweedFS.
     return server.create_bucket("test-server")
 
@@ -48,7 +49,7 @@ def _error_code(excinfo: pytest.ExceptionInfo[ClientError]) -> str:
 def _weed_alive(pid: int) -> bool:
     try:
         p = psutil.Process(pid)
-        return p.name() == "weed" and p.status() != psutil.STATUS_ZOMBIE
+        return bool(p.name() == "weed" and p.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -64,56 +65,56 @@ def _assert_gone(pid: int, ports: dict[str, int], timeout_s: float = 0.0) -> Non
     assert not stale, f"stale sockets: {stale}"
 
 
-def test_put_get_round_trip(server: LocalS3Server, bucket: str) -> None:
-    assert server.create_bucket(bucket) == bucket  # idempotent
+def test_put_get_round_trip(server: LocalS3Server, mbucket: str) -> None:
+    assert server.create_bucket(mbucket) == mbucket  # idempotent
     c = server.client()
     data = os.urandom(1 << 20)
-    c.put_object(Bucket=bucket, Key="a/b.bin", Body=data)
-    assert c.get_object(Bucket=bucket, Key="a/b.bin")["Body"].read() == data
-    assert [o["Key"] for o in c.list_objects_v2(Bucket=bucket, Prefix="a/")["Contents"]] == ["a/b.bin"]
+    c.put_object(Bucket=mbucket, Key="a/b.bin", Body=data)
+    assert c.get_object(Bucket=mbucket, Key="a/b.bin")["Body"].read() == data
+    assert [o["Key"] for o in c.list_objects_v2(Bucket=mbucket, Prefix="a/")["Contents"]] == ["a/b.bin"]
 
 
-def test_default_botocore_multipart_is_byte_exact(server: LocalS3Server, bucket: str) -> None:
+def test_default_botocore_multipart_is_byte_exact(server: LocalS3Server, mbucket: str) -> None:
     # Default botocore checksum settings (CRC32 on every upload): no AWS_*_CHECKSUM_* overrides needed.
     c = server.client()
     parts = [os.urandom(5 << 20), os.urandom(123)]
-    up = c.create_multipart_upload(Bucket=bucket, Key="mp")["UploadId"]
+    up = c.create_multipart_upload(Bucket=mbucket, Key="mp")["UploadId"]
     etags = [
-        {"PartNumber": n, "ETag": c.upload_part(Bucket=bucket, Key="mp", UploadId=up, PartNumber=n, Body=b)["ETag"]}
+        {"PartNumber": n, "ETag": c.upload_part(Bucket=mbucket, Key="mp", UploadId=up, PartNumber=n, Body=b)["ETag"]}
         for n, b in enumerate(parts, 1)
     ]
-    c.complete_multipart_upload(Bucket=bucket, Key="mp", UploadId=up, MultipartUpload={"Parts": etags})
-    assert c.get_object(Bucket=bucket, Key="mp")["Body"].read() == b"".join(parts)
+    c.complete_multipart_upload(Bucket=mbucket, Key="mp", UploadId=up, MultipartUpload={"Parts": etags})
+    assert c.get_object(Bucket=mbucket, Key="mp")["Body"].read() == b"".join(parts)
     big = os.urandom(9 << 20)  # upload_fileobj goes multipart above 8 MiB
-    c.upload_fileobj(io.BytesIO(big), bucket, "managed")
-    assert c.get_object(Bucket=bucket, Key="managed")["Body"].read() == big
+    c.upload_fileobj(io.BytesIO(big), mbucket, "managed")
+    assert c.get_object(Bucket=mbucket, Key="managed")["Body"].read() == big
 
 
-def test_if_none_match_is_enforced(server: LocalS3Server, bucket: str) -> None:
+def test_if_none_match_is_enforced(server: LocalS3Server, mbucket: str) -> None:
     c = server.client()
-    c.put_object(Bucket=bucket, Key="once", Body=b"1", IfNoneMatch="*")
+    c.put_object(Bucket=mbucket, Key="once", Body=b"1", IfNoneMatch="*")
     with pytest.raises(ClientError) as e:
-        c.put_object(Bucket=bucket, Key="once", Body=b"2", IfNoneMatch="*")
+        c.put_object(Bucket=mbucket, Key="once", Body=b"2", IfNoneMatch="*")
     assert _error_code(e) == "PreconditionFailed"
-    assert c.get_object(Bucket=bucket, Key="once")["Body"].read() == b"1"
+    assert c.get_object(Bucket=mbucket, Key="once")["Body"].read() == b"1"
 
 
-def test_read_only_identity_reads_but_cannot_write(server: LocalS3Server, bucket: str) -> None:
-    server.client().put_object(Bucket=bucket, Key="ro/x", Body=b"visible")
+def test_read_only_identity_reads_but_cannot_write(server: LocalS3Server, mbucket: str) -> None:
+    server.client().put_object(Bucket=mbucket, Key="ro/x", Body=b"visible")
     ro = server.client(RO.access_key)
-    assert ro.get_object(Bucket=bucket, Key="ro/x")["Body"].read() == b"visible"
-    assert [o["Key"] for o in ro.list_objects_v2(Bucket=bucket, Prefix="ro/")["Contents"]] == ["ro/x"]
+    assert ro.get_object(Bucket=mbucket, Key="ro/x")["Body"].read() == b"visible"
+    assert [o["Key"] for o in ro.list_objects_v2(Bucket=mbucket, Prefix="ro/")["Contents"]] == ["ro/x"]
     with pytest.raises(ClientError) as e:
-        ro.put_object(Bucket=bucket, Key="ro/y", Body=b"nope")
+        ro.put_object(Bucket=mbucket, Key="ro/y", Body=b"nope")
     assert _error_code(e) == "AccessDenied"
     with pytest.raises(ClientError) as e:
-        ro.delete_object(Bucket=bucket, Key="ro/x")
+        ro.delete_object(Bucket=mbucket, Key="ro/x")
     assert _error_code(e) == "AccessDenied"
 
 
-def test_wrong_credentials_fail(server: LocalS3Server, bucket: str) -> None:
+def test_wrong_credentials_fail(server: LocalS3Server, mbucket: str) -> None:
     with pytest.raises(ClientError) as e:
-        server.client(server.access_key, "not-the-secret").get_object(Bucket=bucket, Key="ro/x")
+        server.client(server.access_key, "not-the-secret").get_object(Bucket=mbucket, Key="ro/x")
     assert _error_code(e) == "SignatureDoesNotMatch"
     with pytest.raises(ClientError) as e:
         server.client("unknown-key", "whatever").list_buckets()
@@ -134,7 +135,7 @@ def test_secret_stays_out_of_repr_and_logs(server: LocalS3Server) -> None:
 
 
 def test_env_is_enough_for_a_plain_boto3_client(
-    server: LocalS3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+    server: LocalS3Server, mbucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = server.env()
     assert env["AWS_ENDPOINT_URL"] == server.endpoint_url
@@ -146,8 +147,8 @@ def test_env_is_enough_for_a_plain_boto3_client(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     plain = boto3.session.Session().client("s3")
-    plain.put_object(Bucket=bucket, Key="env", Body=b"via env")
-    assert plain.get_object(Bucket=bucket, Key="env")["Body"].read() == b"via env"
+    plain.put_object(Bucket=mbucket, Key="env", Body=b"via env")
+    assert plain.get_object(Bucket=mbucket, Key="env")["Body"].read() == b"via env"
 
 
 def test_second_server_alongside_with_own_dir_restarts_and_stops_clean(server: LocalS3Server, tmp_path: Path) -> None:
@@ -193,6 +194,7 @@ def test_weed_dies_with_its_parent(tmp_path: Path) -> None:
         "time.sleep(120)\n"
     )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    ports: list[int] = []
     try:
         assert child.stdout is not None
         pid, *ports = map(int, child.stdout.readline().split())
@@ -214,13 +216,28 @@ def test_weed_failure_reports_log_tail(monkeypatch: pytest.MonkeyPatch) -> None:
         made.append(real_mkdtemp(**kwargs))
         return made[-1]
 
-    monkeypatch.setattr(server_mod.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     bad = LocalS3Server(extra_flags=["-no-such-flag"], startup_timeout_s=20)
     with pytest.raises(ServerError, match="weed exited with code 2") as e:
         bad.start()
     assert "flag provided but not defined: -no-such-flag" in str(e.value)  # from weed's log
     assert not bad.running and server_mod._LIVE.isdisjoint({bad})
     assert made and not Path(made[0]).exists()
+
+
+def test_temporary_dirs_of_dead_owners_are_swept() -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = Path(tempfile.mkdtemp(prefix="s3ckpt-weed-"))
+    (orphan / "owner.pid").write_text(str(dead.pid))
+    mine = Path(tempfile.mkdtemp(prefix="s3ckpt-weed-"))
+    (mine / "owner.pid").write_text(str(os.getpid()))
+    try:
+        server_mod._sweep_orphaned_dirs()
+        assert not orphan.exists() and mine.exists()
+    finally:
+        shutil.rmtree(orphan, ignore_errors=True)
+        shutil.rmtree(mine, ignore_errors=True)
 
 
 def test_missing_weed_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -95,7 +95,9 @@ def cmd_rm(ctx: Context, args: argparse.Namespace) -> int:
     """Delete one checkpoint: a file and its manifest, a model-parallel group, or a sharded directory."""
     bucket, key = s3_url(args.url)
     if not key.strip("/"):
-        raise UsageError(f"refusing to remove the whole bucket {bucket!r}: name a checkpoint (s3://{bucket}/run/x.ckpt)")
+        raise UsageError(
+            f"refusing to remove the whole bucket {bucket!r}: name a checkpoint (s3://{bucket}/run/x.ckpt)"
+        )
     t = ctx.transport
     target = find_target(t, args.url)
     plan = _Plan("rm", bucket)
@@ -130,7 +132,9 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     young = 0
     for e in (e for e in entries if not e.committed):
         if args.include_uncommitted and e.last_modified is not None and e.last_modified < cutoff:
-            plan.deletions.append(_entry_deletion(ctx, bucket, e, f"incomplete, last written {format_time(e.last_modified)}"))
+            plan.deletions.append(
+                _entry_deletion(ctx, bucket, e, f"incomplete, last written {format_time(e.last_modified)}")
+            )
         else:
             young += 1
     if young:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from ..config import ClientConfig, RetryConfig, TransferConfig
 from ..errors import ConfigError
-from ..s3_dirpath_utils import is_s3_url, parse_s3_url
+from ..s3_dirpath_utils import parse_s3_url
 from ..transport.context import S3Transport
 from .output import Output
 
@@ -31,7 +31,7 @@ class CommandError(Exception):
 
 def s3_url(url: str, *, require_key: bool = False, what: str = "URL") -> tuple[str, str]:
     """``(bucket, key)`` of an ``s3://`` argument; a malformed one is a usage error (exit 2)."""
-    if not is_s3_url(url):
+    if not url.lower().startswith("s3:"):
         raise UsageError(f"{what} {url!r} is not an S3 URL; expected s3://<bucket>/<key>")
     try:
         return parse_s3_url(url, require_key=require_key)

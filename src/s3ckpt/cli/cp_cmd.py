@@ -89,7 +89,9 @@ def _s3_sources(ctx: Context, url: str, recursive: bool) -> list[_Source]:
     if not recursive:
         raise CommandError(f"{url} is a prefix with {len(listed)} object(s); pass -r/--recursive to copy all of it")
     return [
-        _Source(o.key[len(prefix) :], o.size, info=ObjectInfo(bucket, o.key, o.size, o.etag, o.last_modified), listed=True)
+        _Source(
+            o.key[len(prefix) :], o.size, info=ObjectInfo(bucket, o.key, o.size, o.etag, o.last_modified), listed=True
+        )
         for o in listed
     ]
 
@@ -147,7 +149,9 @@ def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_one(ctx: Context, args: argparse.Namespace, source: _Source, dest: str, progress: Progress) -> tuple[str, float]:
+def _copy_one(
+    ctx: Context, args: argparse.Namespace, source: _Source, dest: str, progress: Progress
+) -> tuple[str, float]:
     t = ctx.transport
     manifest = not args.no_manifest and _wants_manifest(dest)
     info = source.info

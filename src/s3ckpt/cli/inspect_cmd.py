@@ -186,7 +186,12 @@ def _print(ctx: Context, record: dict[str, Any]) -> None:
     if "bytes_fetched" in record:
         share = 100.0 * record["bytes_fetched"] / record["size"] if record["size"] else 100.0
         requests = f" in {record['requests']} request(s)" if "requests" in record else ""
-        rows.append(("fetched", f"{human_size(record['bytes_fetched'])} of {human_size(record['size'])} ({share:.2f}%){requests}"))
+        rows.append(
+            (
+                "fetched",
+                f"{human_size(record['bytes_fetched'])} of {human_size(record['size'])} ({share:.2f}%){requests}",
+            )
+        )
     for name, value in rows:
         out.result(f"  {name:<12}{value}")
     if record.get("keys"):

@@ -102,13 +102,17 @@ class Opaque:
     """Stand-in for a class or function the allow-list refuses: records what was asked, runs nothing."""
 
     qualname = "?"
+    args: tuple[Any, ...]
+    state: Any
+    items: dict[Any, Any]
+    elements: list[Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
         self = super().__new__(cls)
         self.args = args
-        self.state: Any = None
-        self.items: dict[Any, Any] = {}
-        self.elements: list[Any] = []
+        self.state = None
+        self.items = {}
+        self.elements = []
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..catalog import GROUP_MARKER_SUFFIX, CheckpointEntry, list_checkpoints
-from ..errors import S3CheckpointError, S3NotFoundError
+from ..errors import CheckpointNotFoundError, S3CheckpointError, S3NotFoundError
 from ..layout import manifest_key
 from ..s3_dirpath_utils import build_s3_url
 from ..transport import ops
@@ -93,25 +96,45 @@ def _local_resume_pick(entries: list[CheckpointEntry]) -> CheckpointEntry | None
     return committed[0] if committed else None  # list_checkpoints orders newest step, then time, first
 
 
+def _rules_from_library() -> Callable[..., Any] | None:
+    """``s3ckpt.distributed``'s resume finder (the non-collective one where present), or None."""
+    try:
+        module = importlib.import_module("s3ckpt.distributed")
+    except ImportError:
+        return None
+    found = getattr(module, "find_resume_checkpoint", None) or getattr(module, "resolve_resume_path", None)
+    return found if callable(found) else None
+
+
 def resume_pick(t: S3Transport, url: str, entries: list[CheckpointEntry]) -> str | None:
     """URL of the checkpoint a resume from ``url`` would load, or None.
 
-    Uses :func:`s3ckpt.distributed.resolve_resume_path` where that module exists, so ``ls`` marks exactly
-    what training would pick; otherwise the same rules implemented here.
+    Asks :mod:`s3ckpt.distributed` (the rules training uses) where it is available, so ``ls`` marks exactly
+    what a resume would pick; otherwise applies the same rules itself. A finished run's ``*end.ckpt`` is
+    marked (training refuses to resume past it unless told to).
     """
-    try:
-        resolve = getattr(importlib.import_module("s3ckpt.distributed"), "resolve_resume_path", None)
-    except ImportError:
-        resolve = None
-    if resolve is not None:
+    finder = _rules_from_library()
+    if finder is not None:
+        wanted = {"resume_ignore_no_checkpoint": True, "resume_past_end": True, "transport": t}
+        params = inspect.signature(finder).parameters
+        kwargs = {k: v for k, v in wanted.items() if k in params}
+        quiet = logging.getLogger("s3ckpt.distributed")
+        level = quiet.level
         try:
-            params = inspect.signature(resolve).parameters
-            result = resolve(url, transport=t) if "transport" in params else resolve(url)
-            picked = getattr(result, "url", result)
-            return str(picked) if picked else None
+            # Its warnings ("skipping an incomplete checkpoint", "training from scratch") are meant for a
+            # training log; `ls` shows the same facts in its table.
+            quiet.setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = finder(url, **kwargs)
+            return str(getattr(result, "url", result)) if result else None
+        except CheckpointNotFoundError:
+            return None
         except S3CheckpointError:
             raise
-        except Exception as exc:  # an API in flux must not break `ls`: fall back to the same rules
-            log.debug("resolve_resume_path failed (%s); using the local rules", exc)
+        except Exception as exc:  # an interface in flux must not break `ls`: fall back to the same rules
+            log.debug("%s failed (%s); using the local resume rules", getattr(finder, "__name__", finder), exc)
+        finally:
+            quiet.setLevel(level)
     entry = _local_resume_pick(entries)
     return entry.url if entry else None

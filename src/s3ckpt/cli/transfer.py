@@ -35,7 +35,7 @@ from ..transport.upload import NONCE_META, MultipartWriter, UploadResult
 from .safe_pickle import safe_load
 from .zipread import RangeReader
 
-__all__ = ["copy_s3_to_s3", "download_to_file", "local_meta", "upload_file"]
+__all__ = ["Progress", "copy_s3_to_s3", "download_to_file", "local_meta", "timed", "upload_file"]
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,11 @@ def download_to_file(t: S3Transport, info: ObjectInfo, dest: Path, *, verify: bo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if expected is None and verify:
-        log.warning("s3://%s/%s copied unverified: %s", info.bucket, info.key, source)
-    return source
+    if expected is None:
+        if verify:
+            log.warning("s3://%s/%s copied unverified: %s", info.bucket, info.key, source)
+        return "unverified"
+    return f"CRC32C verified against the {source}"
 
 
 def _source_meta(t: S3Transport, info: ObjectInfo) -> dict[str, Any]:

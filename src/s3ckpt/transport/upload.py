@@ -108,6 +108,9 @@ class MultipartWriter(io.RawIOBase):
         self._error: BaseException | None = None
         self._result: UploadResult | None = None
         self._aborted = False
+        # The S3 error write() raised, kept because torch.save (which calls write() from C++) replaces it
+        # with a RuntimeError of its own; __exit__ raises this one instead.
+        self._write_error: S3CheckpointError | None = None
 
     # -- io.RawIOBase -------------------------------------------------------------------------------------
 
@@ -118,22 +121,26 @@ class MultipartWriter(io.RawIOBase):
         """Buffer ``data`` and send every part that fills up. Blocks while all upload slots are busy."""
         if self.closed:
             raise ValueError(f"write to closed MultipartWriter for s3://{self.bucket}/{self.key}")
-        self._raise_pending()
-        view = memoryview(data).cast("B")
-        total = len(view)
-        self._crc = _crc32c.crc32c(view, self._crc)
-        pos = 0
-        while pos < total:
-            if self._buf is None:
-                self._buf = self._take_buffer(self._current_part_size())
-                self._fill = 0
-            room = len(self._buf) - self._fill
-            n = min(room, total - pos)
-            self._buf[self._fill : self._fill + n] = view[pos : pos + n]
-            self._fill += n
-            pos += n
-            if self._fill == len(self._buf):
-                self._send_full_buffer()
+        try:
+            self._raise_pending()
+            view = memoryview(data).cast("B")
+            total = len(view)
+            self._crc = _crc32c.crc32c(view, self._crc)
+            pos = 0
+            while pos < total:
+                if self._buf is None:
+                    self._buf = self._take_buffer(self._current_part_size())
+                    self._fill = 0
+                room = len(self._buf) - self._fill
+                n = min(room, total - pos)
+                self._buf[self._fill : self._fill + n] = view[pos : pos + n]
+                self._fill += n
+                pos += n
+                if self._fill == len(self._buf):
+                    self._send_full_buffer()
+        except S3CheckpointError as exc:
+            self._write_error = self._write_error or exc
+            raise
         self._size += total
         return total
 
@@ -154,6 +161,12 @@ class MultipartWriter(io.RawIOBase):
         if exc_type is not None:
             self.abort()
             super().close()
+            failure = self._write_error
+            if failure is not None and isinstance(exc, Exception) and not isinstance(exc, S3CheckpointError):
+                # The caller (torch.save's C++ writer) turned our S3 error into its own, e.g.
+                # "RuntimeError: unexpected pos": surface the real one (its __cause__ is the botocore error;
+                # the caller's exception stays attached as __context__).
+                raise failure
         else:
             self.close()
 
@@ -311,9 +324,15 @@ class MultipartWriter(io.RawIOBase):
                     if_none_match=self._if_none_match,
                 )
             except ConflictError as exc:
-                raise ConflictError(
-                    f"s3://{self.bucket}/{self.key} already exists (written by another writer)"
-                ) from exc
+                # A conditional PUT retried after its response was lost gets 412 from our own object:
+                # tell it from another writer's by the nonce, as _complete() does.
+                confirmed = self._confirm_completed()
+                if confirmed is None:
+                    raise ConflictError(
+                        f"s3://{self.bucket}/{self.key} already exists (written by another writer)"
+                    ) from exc
+                log.info("PutObject s3://%s/%s: response was lost, object confirmed", self.bucket, self.key)
+                etag = confirmed
             if self._progress is not None:
                 self._progress(len(data))
             self._result = UploadResult(self.bucket, self.key, self._size, etag, self._crc, 0, self.nonce)

@@ -1,0 +1,363 @@
+"""One measurement in a fresh process: ``python -m benchmarks.methods SPEC.json``.
+
+The orchestrator (:mod:`benchmarks.run`) starts this module once per measurement, with the project's
+interpreter or the peers' one (:mod:`benchmarks.peers`), so imports, peak RSS and CPU are the method's own.
+It writes a JSON result to ``spec["out"]``: ``wall_s``, ``cpu_s``, ``peak_rss_bytes``, ``server_cpu_s``,
+``bytes`` and, for async saves, ``stall_s``; or ``error``.
+
+How each figure is taken:
+
+* ``wall_s``: ``time.perf_counter()`` around the operation alone (imports, client construction and building
+  the state dict are outside it; the first request, which opens connections, is inside).
+* ``cpu_s``: user+system CPU of this process, all threads, from ``getrusage(RUSAGE_SELF)`` deltas.
+* ``peak_rss_bytes``: the kernel's peak resident set (``VmHWM``) is reset (``/proc/self/clear_refs`` = 5)
+  just before the operation, read after it, and the resident set just before it is subtracted. On save that
+  baseline holds the state dict, so the figure is what the save needs on top of it; on load it holds only the
+  interpreter and imports, so the figure includes the loaded tensors themselves (+1x the state).
+* ``server_cpu_s``: the weed process's user+system CPU over the operation (``/proc/<pid>/stat``).
+
+Only the standard library, torch and the method's own client are imported, so the module runs in either venv.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+MiB = 1024 * 1024
+_CLK = os.sysconf("SC_CLK_TCK")
+
+Spec = dict[str, Any]
+
+
+# -- the workload ------------------------------------------------------------------------------------------
+
+
+def layer_shapes(nbytes: int, layers: int = 8) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a transformer-like model whose fp32 weights take about ``nbytes / 3`` bytes."""
+    per_copy = max(1024, nbytes // 3 // 4)  # float32 elements in each of weights, exp_avg, exp_avg_sq
+    d = max(8, int(math.sqrt(per_copy / (12 * layers + 4))))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(layers):
+        p = f"layers.{i}."
+        shapes.update(
+            {
+                p + "attn.qkv.weight": (3 * d, d),
+                p + "attn.qkv.bias": (3 * d,),
+                p + "attn.proj.weight": (d, d),
+                p + "attn.proj.bias": (d,),
+                p + "ln1.weight": (d,),
+                p + "ln2.weight": (d,),
+                p + "mlp.fc1.weight": (4 * d, d),
+                p + "mlp.fc1.bias": (4 * d,),
+                p + "mlp.fc2.weight": (d, 4 * d),
+                p + "mlp.fc2.bias": (d,),
+            }
+        )
+    used = sum(math.prod(s) for s in shapes.values()) + d
+    shapes["embed.weight"] = (max(1, (per_copy - used) // d), d)  # the embedding absorbs the remainder
+    shapes["norm.weight"] = (d,)
+    return shapes
+
+
+def state_bytes(nbytes: int) -> int:
+    """Tensor bytes of :func:`build_state` ``(nbytes)``, computed without torch: 3 fp32 copies + 1 step each."""
+    shapes = layer_shapes(nbytes)
+    return 3 * 4 * sum(math.prod(s) for s in shapes.values()) + 4 * len(shapes)
+
+
+def build_state(nbytes: int, seed: int = 0) -> tuple[dict[str, Any], int]:
+    """A Lightning-style checkpoint of about ``nbytes``: weights plus Adam's ``exp_avg`` and ``exp_avg_sq``.
+
+    About 330 tensors from 4 KiB to a third of the total; random (incompressible) values copied from a 32 MiB
+    seeded pool, which is much faster than generating every byte. Returns the dict and its tensor bytes.
+    """
+    import torch
+
+    pool = torch.empty(8 * MiB).uniform_(-1, 1, generator=torch.Generator().manual_seed(seed))
+    offset = 0
+
+    def fill(shape: tuple[int, ...]) -> torch.Tensor:
+        nonlocal offset
+        t = torch.empty(shape)
+        flat = t.view(-1)
+        for start in range(0, flat.numel(), pool.numel()):
+            n = min(pool.numel(), flat.numel() - start)
+            src_start = offset % (pool.numel() - n + 1)
+            flat[start : start + n].copy_(pool[src_start : src_start + n])
+            offset += 7919
+        return t
+
+    shapes = layer_shapes(nbytes)
+    weights = {name: fill(shape) for name, shape in shapes.items()}
+    opt_state = {
+        i: {"step": torch.tensor(1000.0), "exp_avg": fill(shape), "exp_avg_sq": fill(shape).abs_()}
+        for i, shape in enumerate(shapes.values())
+    }
+    state = {
+        "epoch": 3,
+        "global_step": 1000,
+        "state_dict": weights,
+        "optimizer_states": [
+            {
+                "state": opt_state,
+                "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "params": list(range(len(shapes)))}],
+            }
+        ],
+        "lr_schedulers": [],
+    }
+    return state, tensor_bytes(state)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested structure."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+# -- the methods -------------------------------------------------------------------------------------------
+
+
+def _url(spec: Spec) -> str:
+    return f"s3://{spec['bucket']}/{spec['key']}"
+
+
+def _s3ckpt_io(spec: Spec, async_checkpointing: bool = False) -> Any:
+    from s3ckpt.lightning import S3CheckpointIO
+
+    s = spec["settings"]
+    return S3CheckpointIO(
+        f"s3://{spec['bucket']}/bench",
+        chunk_size_MB=s.get("chunk_size_MB", 64),
+        max_read_concurrency=s.get("max_read_concurrency", 15),
+        max_write_concurrency=s.get("max_write_concurrency", 10),
+        async_checkpointing=async_checkpointing,
+    )
+
+
+def _boto3_client(spec: Spec, raw: bool = False) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    extra: dict[str, Any] = {}
+    s3: dict[str, Any] = {"addressing_style": "path"}
+    if raw:  # the fewest CPU cycles per byte botocore can spend: no payload SHA-256, no checksums
+        s3["payload_signing_enabled"] = False
+        extra = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+    config = Config(s3=s3, max_pool_connections=32, **extra)
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=spec["endpoint"], region_name=spec["region"], config=config)
+
+
+def _s3tc(spec: Spec) -> Any:
+    from s3torchconnector import S3Checkpoint, S3ClientConfig
+
+    part = spec["settings"].get("part_size_MB", 8) * MiB
+    cfg = S3ClientConfig(force_path_style=True, part_size=part)
+    return S3Checkpoint(spec["region"], endpoint=spec["endpoint"], s3client_config=cfg)
+
+
+def _configure_fsspec(spec: Spec) -> None:
+    import fsspec.config
+
+    fsspec.config.conf["s3"] = {
+        "key": os.environ["AWS_ACCESS_KEY_ID"],
+        "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
+        "client_kwargs": {"endpoint_url": spec["endpoint"], "region_name": spec["region"]},
+        "config_kwargs": {"s3": {"addressing_style": "path"}},
+    }
+
+
+def _prepare(spec: Spec) -> Callable[..., Any]:
+    """Import and construct the method's client outside the timed region; return the operation."""
+    import torch
+
+    method, op, s = spec["method"], spec["op"], spec["settings"]
+    url = _url(spec)
+    if method in ("s3ckpt", "s3ckpt-tuned"):
+        ckio = _s3ckpt_io(spec)
+        if op == "save":
+            return lambda state: ckio.save_checkpoint(state, url)
+        return lambda: ckio.load_checkpoint(url)
+    if method == "s3ckpt-async":
+        ckio = _s3ckpt_io(spec, async_checkpointing=True)
+
+        def async_save(state: Any) -> dict[str, float]:
+            t0 = time.perf_counter()
+            ckio.save_checkpoint(state, url)
+            stall = time.perf_counter() - t0
+            ckio.wait()
+            ckio.teardown()
+            return {"stall_s": stall}
+
+        return async_save
+    if method == "nemo-ref":
+        from boto3.s3.transfer import TransferConfig
+
+        client = _boto3_client(spec)
+        chunk = s.get("chunk_size_MB", 64) * MiB
+        if op == "save":
+            tc = TransferConfig(multipart_chunksize=chunk, max_concurrency=s.get("max_write_concurrency", 10))
+
+            def nemo_save(state: Any) -> None:
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                buf.seek(0)
+                client.upload_fileobj(buf, spec["bucket"], spec["key"], Config=tc)
+
+            return nemo_save
+        tc = TransferConfig(multipart_chunksize=chunk, max_concurrency=s.get("max_read_concurrency", 15))
+
+        def nemo_load() -> Any:
+            buf = io.BytesIO()
+            client.download_fileobj(spec["bucket"], spec["key"], buf, Config=tc)
+            buf.seek(0)
+            return torch.load(buf, map_location="cpu", weights_only=True)
+
+        return nemo_load
+    if method == "lightning-s3fs":
+        _configure_fsspec(spec)
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        tio = TorchCheckpointIO()
+        if op == "save":
+            return lambda state: tio.save_checkpoint(state, url)
+        return lambda: tio.load_checkpoint(url, map_location="cpu")
+    if method == "s3torchconnector":
+        ck = _s3tc(spec)
+        if op == "save":
+
+            def s3tc_save(state: Any) -> None:
+                with ck.writer(url) as writer:
+                    torch.save(state, writer)
+
+            return s3tc_save
+
+        def s3tc_load() -> Any:
+            with ck.reader(url) as reader:
+                return torch.load(reader, map_location="cpu", weights_only=True)
+
+        return s3tc_load
+    if method == "torch-tmpfs":
+        path = os.path.join(spec["tmpfs_dir"], spec["key"].replace("/", "_") + ".pt")
+        if op == "save":
+            return lambda state: torch.save(state, path)
+        return lambda: torch.load(path, map_location="cpu", weights_only=True)
+    if method == "raw":
+        from benchmarks import raw
+
+        client = _boto3_client(spec, raw=True)
+        if op == "save":
+            return lambda _state: raw.multipart_put(client, spec, spec["expect_bytes"])
+        return lambda: raw.ranged_get(client, spec)
+    raise ValueError(f"unknown method {method!r}")
+
+
+# -- measuring ---------------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _server_cpu(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def measure(spec: Spec) -> dict[str, Any]:
+    """Run one operation and return its figures (see the module docstring)."""
+    import gc
+
+    operation = _prepare(spec)
+    state = None
+    result: dict[str, Any] = {}
+    if spec["op"] == "save":
+        state, result["bytes"] = build_state(spec["size"], spec.get("seed", 0))
+    gc.collect()
+    exact_peak = _reset_peak()
+    rss0, cpu0, srv0 = _rss(), _cpu(), _server_cpu(spec.get("server_pid"))
+    t0 = time.perf_counter()
+    out = operation(state) if state is not None else operation()
+    wall = time.perf_counter() - t0
+    cpu1, srv1 = _cpu(), _server_cpu(spec.get("server_pid"))
+    peak = _peak_rss()  # without the reset (old kernels) this is ru_maxrss: the whole process's peak
+    result.update(
+        wall_s=wall,
+        cpu_s=cpu1 - cpu0,
+        peak_rss_bytes=max(0, peak - rss0),
+        rss_before_bytes=rss0,
+        server_cpu_s=(srv1 - srv0) if srv0 is not None and srv1 is not None else None,
+        exact_peak=exact_peak,
+    )
+    if isinstance(out, dict) and "stall_s" in out:
+        result["stall_s"] = out["stall_s"]
+    if spec["op"] == "load":
+        got = len(out) if spec["method"] == "raw" else tensor_bytes(out)
+        if got != spec["expect_bytes"]:
+            raise RuntimeError(f"loaded {got} tensor bytes, expected {spec['expect_bytes']}")
+        result["bytes"] = got
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """Read the spec, measure, write the result (or the error) to ``spec['out']``."""
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    try:
+        result = measure(spec)
+    except BaseException as exc:  # reported, not raised: the orchestrator records why a method has no number
+        tail = traceback.format_exc().strip().splitlines()[-6:]
+        result = {"error": f"{type(exc).__name__}: {exc}"[:600], "traceback": tail}
+    result["python"] = sys.executable
+    with open(spec["out"], "w") as f:
+        json.dump(result, f)
+    return 0 if "error" not in result else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

