@@ -1,14 +1,18 @@
 """One measurement in a fresh process: ``python -m benchmarks.methods SPEC.json``.
 
-The orchestrator (:mod:`benchmarks.run`) starts this module once per measurement, with the project's
-interpreter or the peers' one (:mod:`benchmarks.peers`), so imports, peak RSS and CPU are the method's own.
-It writes a JSON result to ``spec["out"]``: ``wall_s``, ``cpu_s``, ``peak_rss_bytes``, ``server_cpu_s``,
+The orchestrator (:mod:`benchmarks.run`) runs every measurement in a process of its own, with the project's
+interpreter or the peers' one (:mod:`benchmarks.peers`), so peak RSS and CPU are the method's own: either a
+child forked from a fork server that has done the imports (:mod:`benchmarks.forkserver`, the default: it
+saves 2-5 s of imports per measurement) or, with ``--spawn``, a new interpreter. Each measurement writes
+a JSON result to ``spec["out"]``: ``wall_s``, ``cpu_s``, ``peak_rss_bytes``, ``server_cpu_s``,
 ``bytes`` and, for async saves, ``stall_s``; or ``error``.
 
 How each figure is taken:
 
-* ``wall_s``: ``time.perf_counter()`` around the operation alone (imports, client construction and building
-  the state dict are outside it; the first request, which opens connections, is inside).
+* ``wall_s``: ``time.perf_counter()`` around the operation alone. Imports, building the state dict and
+  constructing the method's client are outside it (a training job builds its client once, not per
+  checkpoint); for the boto3-based methods the client also makes one HeadBucket first, so it has its
+  credentials resolved and a connection open, as it would from a previous checkpoint.
 * ``cpu_s``: user+system CPU of this process, all threads, from ``getrusage(RUSAGE_SELF)`` deltas.
 * ``peak_rss_bytes``: the kernel's peak resident set (``VmHWM``) is reset (``/proc/self/clear_refs`` = 5)
   just before the operation, read after it, and the resident set just before it is subtracted. On save that
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import resource
 import sys
@@ -32,102 +35,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.workload import build_state, tensor_bytes
+
 MiB = 1024 * 1024
 _CLK = os.sysconf("SC_CLK_TCK")
 
 Spec = dict[str, Any]
-
-
-# -- the workload ------------------------------------------------------------------------------------------
-
-
-def layer_shapes(nbytes: int, layers: int = 8) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of a transformer-like model whose fp32 weights take about ``nbytes / 3`` bytes."""
-    per_copy = max(1024, nbytes // 3 // 4)  # float32 elements in each of weights, exp_avg, exp_avg_sq
-    d = max(8, int(math.sqrt(per_copy / (12 * layers + 4))))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for i in range(layers):
-        p = f"layers.{i}."
-        shapes.update(
-            {
-                p + "attn.qkv.weight": (3 * d, d),
-                p + "attn.qkv.bias": (3 * d,),
-                p + "attn.proj.weight": (d, d),
-                p + "attn.proj.bias": (d,),
-                p + "ln1.weight": (d,),
-                p + "ln2.weight": (d,),
-                p + "mlp.fc1.weight": (4 * d, d),
-                p + "mlp.fc1.bias": (4 * d,),
-                p + "mlp.fc2.weight": (d, 4 * d),
-                p + "mlp.fc2.bias": (d,),
-            }
-        )
-    used = sum(math.prod(s) for s in shapes.values()) + d
-    shapes["embed.weight"] = (max(1, (per_copy - used) // d), d)  # the embedding absorbs the remainder
-    shapes["norm.weight"] = (d,)
-    return shapes
-
-
-def state_bytes(nbytes: int) -> int:
-    """Tensor bytes of :func:`build_state` ``(nbytes)``, computed without torch: 3 fp32 copies + 1 step each."""
-    shapes = layer_shapes(nbytes)
-    return 3 * 4 * sum(math.prod(s) for s in shapes.values()) + 4 * len(shapes)
-
-
-def build_state(nbytes: int, seed: int = 0) -> tuple[dict[str, Any], int]:
-    """A Lightning-style checkpoint of about ``nbytes``: weights plus Adam's ``exp_avg`` and ``exp_avg_sq``.
-
-    About 330 tensors from 4 KiB to a third of the total; random (incompressible) values copied from a 32 MiB
-    seeded pool, which is much faster than generating every byte. Returns the dict and its tensor bytes.
-    """
-    import torch
-
-    pool = torch.empty(8 * MiB).uniform_(-1, 1, generator=torch.Generator().manual_seed(seed))
-    offset = 0
-
-    def fill(shape: tuple[int, ...]) -> torch.Tensor:
-        nonlocal offset
-        t = torch.empty(shape)
-        flat = t.view(-1)
-        for start in range(0, flat.numel(), pool.numel()):
-            n = min(pool.numel(), flat.numel() - start)
-            src_start = offset % (pool.numel() - n + 1)
-            flat[start : start + n].copy_(pool[src_start : src_start + n])
-            offset += 7919
-        return t
-
-    shapes = layer_shapes(nbytes)
-    weights = {name: fill(shape) for name, shape in shapes.items()}
-    opt_state = {
-        i: {"step": torch.tensor(1000.0), "exp_avg": fill(shape), "exp_avg_sq": fill(shape).abs_()}
-        for i, shape in enumerate(shapes.values())
-    }
-    state = {
-        "epoch": 3,
-        "global_step": 1000,
-        "state_dict": weights,
-        "optimizer_states": [
-            {
-                "state": opt_state,
-                "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "params": list(range(len(shapes)))}],
-            }
-        ],
-        "lr_schedulers": [],
-    }
-    return state, tensor_bytes(state)
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in a nested structure."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 # -- the methods -------------------------------------------------------------------------------------------
@@ -141,13 +54,15 @@ def _s3ckpt_io(spec: Spec, async_checkpointing: bool = False) -> Any:
     from s3ckpt.lightning import S3CheckpointIO
 
     s = spec["settings"]
-    return S3CheckpointIO(
+    ckio = S3CheckpointIO(
         f"s3://{spec['bucket']}/bench",
         chunk_size_MB=s.get("chunk_size_MB", 64),
         max_read_concurrency=s.get("max_read_concurrency", 15),
         max_write_concurrency=s.get("max_write_concurrency", 10),
         async_checkpointing=async_checkpointing,
     )
+    ckio.transport.clients.get().head_bucket(Bucket=spec["bucket"])
+    return ckio
 
 
 def _boto3_client(spec: Spec, raw: bool = False) -> Any:
@@ -161,7 +76,9 @@ def _boto3_client(spec: Spec, raw: bool = False) -> Any:
         extra = {"request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
     config = Config(s3=s3, max_pool_connections=32, **extra)
     session = boto3.session.Session()
-    return session.client("s3", endpoint_url=spec["endpoint"], region_name=spec["region"], config=config)
+    client = session.client("s3", endpoint_url=spec["endpoint"], region_name=spec["region"], config=config)
+    client.head_bucket(Bucket=spec["bucket"])
+    return client
 
 
 def _s3tc(spec: Spec) -> Any:
@@ -313,6 +230,7 @@ def measure(spec: Spec) -> dict[str, Any]:
     """Run one operation and return its figures (see the module docstring)."""
     import gc
 
+    os.environ.update(spec.get("env", {}))
     operation = _prepare(spec)
     state = None
     result: dict[str, Any] = {}
@@ -360,4 +278,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        from benchmarks.forkserver import serve
+
+        sys.exit(serve(main))
     sys.exit(main(sys.argv[1:]))

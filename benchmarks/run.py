@@ -13,6 +13,7 @@ rotated every round) and the median of ``--runs`` runs reported. Writes ``benchm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -24,10 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import bench_server, report
-from .methods import state_bytes
+from . import report
+from .forkserver import ForkServer
 from .peers import PeerEnv, ensure_peers
 from .stats import GB, MiB, Record, derived_ratios, fmt_size, median, parse_size, summarize
+from .workload import state_bytes
 
 __all__ = ["ALL_METHODS", "main"]
 
@@ -66,7 +68,14 @@ def _log(msg: str) -> None:
 class Bench:
     """One benchmark run: the server, the interpreters, and the workers it starts."""
 
-    def __init__(self, args: argparse.Namespace, server: Any, peers: PeerEnv | None, workdir: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        server: Any,
+        peers: PeerEnv | None,
+        workdir: Path,
+        forks: dict[str, ForkServer] | None = None,
+    ) -> None:
         self.args = args
         self.server = server
         self.peers = peers
@@ -74,8 +83,36 @@ class Bench:
         self.tmpfs = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else workdir
         self.count = 0
         self.t0 = time.monotonic()
+        # The workers' environment: none of the caller's AWS or s3ckpt settings (an AWS_ENDPOINT_URL_S3 would
+        # win over ours); the server's endpoint and credentials travel in each spec.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3CKPT_"))}
-        self.env.update(server.env())
+        self.forks: dict[str, ForkServer] = forks if forks is not None else {}
+
+    def _run(self, python: str, spec_path: Path, timeout: float) -> str | None:
+        """Run one spec in a fresh process; return an error if no result can be expected."""
+        if self.args.spawn:
+            cmd = [python, "-m", "benchmarks.methods", str(spec_path)]
+            try:
+                proc = subprocess.run(cmd, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return f"timed out after {timeout:.0f} s"
+            return None if proc.returncode in (0, 3) else f"worker exited {proc.returncode}: {proc.stderr[-400:]}"
+        fork = self.forks.get(python)
+        if fork is None:
+            log = self.workdir / f"forkserver-{len(self.forks)}.log"
+            fork = self.forks[python] = ForkServer(python, REPO_ROOT, self.env, log)
+        status, killed = fork.run(spec_path, timeout)
+        if killed:
+            return f"timed out after {timeout:.0f} s"
+        if status not in (0, 3 << 8):
+            return f"worker ended with wait status {status}: {fork.log_tail(6)}"
+        return None
+
+    def close(self) -> None:
+        """Stop the fork servers."""
+        for fork in self.forks.values():
+            fork.close()
+        self.forks.clear()
 
     def worker(self, method: str, op: str, settings: dict[str, Any], key: str, size: int) -> dict[str, Any]:
         """Run one measurement in a fresh process and return its result dict (``error`` on failure)."""
@@ -98,21 +135,17 @@ class Bench:
             "server_pid": self.server.pid,
             "tmpfs_dir": str(self.tmpfs),
             "out": str(self.workdir / f"result-{self.count}.json"),
+            "env": self.server.env(),
         }
         spec_path = self.workdir / f"spec-{self.count}.json"
         spec_path.write_text(json.dumps(spec))
         timeout = 120 + size / (20 * MiB)
-        cmd = [python, "-m", "benchmarks.methods", str(spec_path)]
+        error = self._run(python, spec_path, timeout)
         result: dict[str, Any]
         try:
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            result = {"error": f"timed out after {timeout:.0f} s"}
-        else:
-            try:
-                result = json.loads(Path(spec["out"]).read_text())
-            except (OSError, ValueError):
-                result = {"error": f"worker exited {proc.returncode} with no result: {proc.stderr.strip()[-400:]}"}
+            result = json.loads(Path(spec["out"]).read_text())
+        except (OSError, ValueError):
+            result = {"error": error or "the worker wrote no result"}
         gb = size / GB
         what = f"{method} {op} {fmt_size(size)}"
         if result.get("error"):
@@ -140,6 +173,8 @@ class Bench:
 
     def clean(self) -> None:
         """Delete every object and compact the volumes, between rounds (not timed)."""
+        from . import bench_server
+
         bench_server.empty_bucket(self.server, BUCKET)
         bench_server.vacuum(self.server)
 
@@ -183,10 +218,12 @@ def sweep(bench: Bench, size: int, runs: int) -> tuple[dict[str, Any], list[dict
 
 def compare_servers(args: argparse.Namespace, workdir: Path, size: int, main_bench: Bench) -> dict[str, Any]:
     """One raw PUT against a server with s3ckpt's default flags, and one against the tuned server."""
+    from . import bench_server
+
     out: dict[str, Any] = {"size_bytes": size}
     with bench_server.start_server(workdir / "weed-default", tuned=False) as server:
         bench_server.warm_up(server, BUCKET)
-        bench = Bench(args, server, None, workdir)
+        bench = Bench(args, server, None, workdir, forks=main_bench.forks)
         out["default"] = bench.worker("raw", "save", FIXED_SETTINGS["raw"], "compare/default", size)
     out["tuned"] = main_bench.worker("raw", "save", FIXED_SETTINGS["raw"], "compare/tuned", size)
     for which in ("default", "tuned"):
@@ -210,6 +247,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-runs", type=int, default=None, help="runs per sweep setting (default 2; --quick 1)")
     p.add_argument("--no-server-compare", action="store_true", help="skip the default-vs-tuned server raw PUT")
     p.add_argument("--no-peer-install", action="store_true", help="use the peers venv only if it already exists")
+    p.add_argument("--spawn", action="store_true", help="a new interpreter per measurement, not a forked child")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     args = p.parse_args(argv)
     args.size = parse_size(args.size or ("64MiB" if args.quick else "1GiB"))
@@ -231,6 +269,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when it completed (a peer that could not run is recorded, not fatal)."""
+    from . import bench_server  # boto3 and the server only when benchmarking, not for --help or the tests
+
     args = parse_args(argv)
     started = time.time()
     size, methods = args.size, args.methods
@@ -240,9 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = report.machine_info()
     workdir = Path(tempfile.mkdtemp(prefix="s3ckpt-bench-"))
     try:
-        with bench_server.start_server(workdir / "weed", tuned=True) as server:
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(bench_server.start_server(workdir / "weed", tuned=True))
             bench_server.warm_up(server, BUCKET)
             bench = Bench(args, server, peers, workdir)
+            stack.callback(bench.close)
             compare = None if args.no_server_compare else compare_servers(args, workdir, size, bench)
             tuned, sweep_table = dict(DEFAULTS), []
             if {"s3ckpt-tuned", "s3ckpt-async"} & set(methods):

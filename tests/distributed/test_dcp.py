@@ -41,9 +41,13 @@ from s3ckpt.errors import CheckpointCorruptedError, CheckpointNotFoundError, Con
 from s3ckpt.transport import S3Transport, ops
 from tests.conftest import new_bucket_name
 
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_TAG = "DCP-RESULT "
 MiB = 1024 * 1024
+RANK_BIG_ROWS = 1408  # 5.5 MiB of layer.big per rank: more than one 5 MiB part, so every rank file is multipart
+BIG_ROWS = 4 * RANK_BIG_ROWS
 
 
 # -- shared by the test process and the rank processes --------------------------------------------------------
@@ -52,14 +56,17 @@ MiB = 1024 * 1024
 def full_state(seed: int, big_rows: int = 0) -> dict[str, torch.Tensor]:
     """The unsharded tensors of checkpoint ``seed``; ``layer.big`` (``big_rows`` x 1024 fp32) forces multipart."""
     g = torch.Generator().manual_seed(seed)
-    state = {
+    return {
         "layer.big": torch.randn(max(big_rows, 8), 1024, generator=g),
         "layer.w": torch.randn(37, 64, generator=g),  # 37 rows: uneven shards over 2 and 4 ranks
         "emb": torch.randn(24, 16, generator=g).to(torch.bfloat16),
         "rep": torch.randn(8, 8, generator=g),
         "plain": torch.arange(seed, seed + 10),
     }
-    return state
+
+
+def _server_cfg(server: Any) -> dict[str, Any]:
+    return {"endpoint": server.endpoint_url, "ak": server.access_key, "sk": server.secret_key}
 
 
 def _transport(cfg: dict[str, Any]) -> S3Transport:
@@ -106,7 +113,6 @@ def _rank_main(cfg_json: str, rank_arg: str) -> None:  # pragma: no cover - runs
                     time.sleep(600)
             return super().resolve_data(write_item)
 
-    results = []
     for op in cfg["ops"]:
         kind, url, seed, big = op["op"], op["url"], op["seed"], op.get("big_rows", 0)
         strategy = NumericPrefixStrategy(op["prefixes"]) if op.get("prefixes") else None
@@ -127,10 +133,10 @@ def _rank_main(cfg_json: str, rank_arg: str) -> None:  # pragma: no cover - runs
                     assert torch.equal(v.to_local(), expected[k].to_local()), f"{url} {k} rank {rank}"
             assert torch.equal(state["plain"], expected["plain"]), url
             assert state["meta"] == expected["meta"], (url, state["meta"])
-        results.append({"op": kind, "url": url, "s": round(time.perf_counter() - start, 3)})
+        # One line per finished op, so a run whose last op is killed still shows what came before it.
+        print(RESULT_TAG + json.dumps({"op": kind, "url": url, "s": round(time.perf_counter() - start, 3)}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    print(RESULT_TAG + json.dumps(results), flush=True)
 
 
 # -- test process --------------------------------------------------------------------------------------------------
@@ -139,35 +145,21 @@ def _rank_main(cfg_json: str, rank_arg: str) -> None:  # pragma: no cover - runs
 def run_ranks(
     server: Any, world_size: int, ops_: list[dict[str, Any]], workdir: Path, *, victim: int = -1, timeout_s: float = 150
 ) -> list[list[dict[str, Any]]]:
-    """Run ``ops_`` on ``world_size`` rank processes; return each rank's results. With ``victim``, SIGKILL that
-    rank once it is blocked mid-upload, wait for the others to fail, and return nothing."""
+    """Run ``ops_`` on ``world_size`` rank processes; return each rank's finished ops. With ``victim``, SIGKILL
+    that rank once it is blocked in its upload (op ``hang_save``) and let the others fail."""
     workdir.mkdir(parents=True, exist_ok=True)
     marker = workdir / "victim-uploading"
-    cfg = {
-        "endpoint": server.endpoint_url,
-        "ak": server.access_key,
-        "sk": server.secret_key,
-        "world_size": world_size,
-        "store": str(workdir / f"store-{uuid.uuid4().hex}"),
-        "ops": ops_,
-        "victim": victim,
-        "marker": str(marker),
-    }
+    store = workdir / f"store-{uuid.uuid4().hex}"
+    cfg = {**_server_cfg(server), "world_size": world_size, "store": str(store), "ops": ops_}
+    cfg.update(victim=victim, marker=str(marker))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
     logs = [workdir / f"rank{r}.log" for r in range(world_size)]
+    cmd = [sys.executable, "-m", "tests.distributed.test_dcp", json.dumps(cfg)]
     procs = []
-    for r in range(world_size):
-        with open(logs[r], "wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "tests.distributed.test_dcp", json.dumps(cfg), str(r)],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+    for r, log in enumerate(logs):
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen([*cmd, str(r)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout_s
 
     def tails() -> str:
@@ -190,21 +182,14 @@ def run_ranks(
                 p.kill()
                 p.wait()
     if victim >= 0:
-        assert procs[victim].returncode == -signal.SIGKILL
-        return []
-    if any(p.returncode != 0 for p in procs):
+        assert procs[victim].returncode == -signal.SIGKILL, tails()
+    elif any(p.returncode != 0 for p in procs):
         raise AssertionError(f"rank(s) failed: {[p.returncode for p in procs]}\n{tails()}")
     results = []
     for log in logs:
-        lines = [ln for ln in log.read_text().splitlines() if ln.startswith(RESULT_TAG)]
-        results.append(json.loads(lines[-1][len(RESULT_TAG) :]))
+        lines = [ln[len(RESULT_TAG) :] for ln in log.read_text().splitlines() if ln.startswith(RESULT_TAG)]
+        results.append([json.loads(ln) for ln in lines])
     return results
-
-
-pytestmark = [pytest.mark.distributed, pytest.mark.integration]
-
-RANK_BIG_ROWS = 1408  # 5.5 MiB of layer.big per rank: more than one 5 MiB part, so every rank file is multipart
-BIG_ROWS = 4 * RANK_BIG_ROWS
 
 
 @pytest.fixture(scope="module")
@@ -225,29 +210,31 @@ def saved_by_4(s3_server: Any, dcp_bucket: str, tmp_path_factory: pytest.TempPat
         {"op": "load", "url": urls["prefixed"], "seed": 2},
         {"op": "load", "url": urls["async"], "seed": 3},
     ]
-    start = time.perf_counter()
-    results = run_ranks(s3_server, 4, plan, tmp_path_factory.mktemp("ranks4"))
-    return {"urls": urls, "results": results, "seconds": time.perf_counter() - start}
+    return {"urls": urls, "results": run_ranks(s3_server, 4, plan, tmp_path_factory.mktemp("ranks4"))}
 
 
 @pytest.fixture(scope="module")
-def loaded_by_2(s3_server: Any, saved_by_4: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The 4-rank checkpoints loaded by 2 ranks, and a 2-rank save and load."""
+def ranks_2(s3_server: Any, saved_by_4: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One 2-rank run: load the 4-rank checkpoints, save and load its own, then die mid-save (rank 1 is
+    SIGKILLed while its upload is open). One run, not three: process start-up is most of the cost here."""
     urls = saved_by_4["urls"]
-    two = urls["flat"].replace("run4/step-1", "run2/step-7")
+    base = urls["flat"].rsplit("/", 2)[0] + "/run2"
+    two, killed = f"{base}/step-7", f"{base}/step-8"
     plan = [
         {"op": "load", "url": urls["flat"], "seed": 1, "big_rows": BIG_ROWS},
         {"op": "load", "url": urls["prefixed"], "seed": 2},
         {"op": "load", "url": urls["async"], "seed": 3},
         {"op": "save", "url": two, "seed": 7},
         {"op": "load", "url": two, "seed": 7},
+        {"op": "hang_save", "url": killed, "seed": 8, "big_rows": 2 * RANK_BIG_ROWS},
     ]
-    return run_ranks(s3_server, 2, plan, tmp_path_factory.mktemp("ranks2")), two
+    results = run_ranks(s3_server, 2, plan, tmp_path_factory.mktemp("ranks2"), victim=1)
+    return {"results": results, "base": base, "two": two, "killed": killed}
 
 
 @pytest.fixture
 def t(s3_server: Any) -> S3Transport:
-    return _transport({"endpoint": s3_server.endpoint_url, "ak": s3_server.access_key, "sk": s3_server.secret_key})
+    return _transport(_server_cfg(s3_server))
 
 
 def _keys(t: S3Transport, url: str) -> list[str]:
@@ -257,7 +244,6 @@ def _keys(t: S3Transport, url: str) -> list[str]:
 
 def _load_full(url: str, seed: int, t: S3Transport, big_rows: int = 0, **reader: Any) -> None:
     """Load ``url`` in this process (world size 1) into unsharded tensors and compare with the originals."""
-
     expected = full_state(seed, big_rows)
     state: dict[str, Any] = {k: torch.zeros_like(v) for k, v in expected.items()}
     state["meta"] = {"seed": -1, "tag": ""}
@@ -285,9 +271,9 @@ def test_save_and_load_4_ranks(saved_by_4: dict[str, Any], t: S3Transport) -> No
 
 
 @pytest.mark.timeout(240)
-def test_reshard_4_to_2_and_2_rank_round_trip(loaded_by_2: Any) -> None:
-    results, _ = loaded_by_2
-    assert [r["op"] for r in results[0]] == ["load", "load", "load", "save", "load"]
+def test_reshard_4_to_2_and_2_rank_round_trip(ranks_2: dict[str, Any]) -> None:
+    for rank_results in ranks_2["results"]:
+        assert [r["op"] for r in rank_results] == ["load", "load", "load", "save", "load"]
 
 
 def test_reshard_4_to_1(saved_by_4: dict[str, Any], t: S3Transport) -> None:
@@ -309,43 +295,35 @@ def test_prefix_strategy_layout(saved_by_4: dict[str, Any], t: S3Transport) -> N
 
 
 def _save_full(url: str, seed: int, t: S3Transport, **writer: Any) -> None:
-
     state: dict[str, Any] = dict(full_state(seed))
     state["meta"] = {"seed": seed, "tag": f"ckpt-{seed}"}
     s3dcp.save(state, url, transport=t, no_dist=True, **writer)
 
 
-@pytest.mark.timeout(180)
-def test_rank_killed_mid_save(s3_server: Any, dcp_bucket: str, t: S3Transport, tmp_path: Path) -> None:
-
-    prev, url = f"s3://{dcp_bucket}/kill/step-1", f"s3://{dcp_bucket}/kill/step-2"
-    plan = [
-        {"op": "save", "url": prev, "seed": 11},
-        {"op": "hang_save", "url": url, "seed": 12, "big_rows": 2 * RANK_BIG_ROWS},
-    ]
-    run_ranks(s3_server, 2, plan, tmp_path, victim=1)
-
-    assert ".metadata" not in _keys(t, url)
-    pending = [u.key for u in ops.list_uploads(t, dcp_bucket, "kill/step-2/")]
-    assert pending == ["kill/step-2/__1_0.distcp"], "the victim died with its multipart upload open"
-    entries = {e.name: e for e in list_checkpoints(t, f"s3://{dcp_bucket}/kill")}
-    assert entries["step-1"].committed
-    assert not entries["step-2"].committed and ".metadata" in entries["step-2"].reason
+@pytest.mark.timeout(240)
+def test_rank_killed_mid_save(ranks_2: dict[str, Any], dcp_bucket: str, t: S3Transport) -> None:
+    prev, url = ranks_2["two"], ranks_2["killed"]
+    prefix = url.split("/", 3)[3] + "/"
+    assert _keys(t, url) == ["__0_0.distcp"], "rank 0 finished its file; rank 1's never completed"
+    pending = [u.key for u in ops.list_uploads(t, dcp_bucket, prefix)]
+    assert pending == [prefix + "__1_0.distcp"], "the victim died with its multipart upload open"
+    entries = {e.name: e for e in list_checkpoints(t, ranks_2["base"])}
+    assert entries["step-7"].committed
+    assert not entries["step-8"].committed and ".metadata" in entries["step-8"].reason
     with pytest.raises(CheckpointNotFoundError, match="did not finish"):
         s3dcp.S3StorageReader(url, transport=t).read_metadata()
     with pytest.raises(CheckpointNotFoundError):
-        _load_full(url, 12, t)
-    _load_full(prev, 11, t)
+        _load_full(url, 8, t)
+    _load_full(prev, 7, t)
 
     # The next save into the prefix clears what the dead one left: its files and its open upload.
     _save_full(url, 13, t)
-    assert ops.list_uploads(t, dcp_bucket, "kill/step-2/") == []
+    assert ops.list_uploads(t, dcp_bucket, prefix) == []
     assert _keys(t, url) == [".metadata", ".metadata.s3ckpt.json", "__0_0.distcp"]
     _load_full(url, 13, t)
 
 
 def test_modified_data_file_is_refused(t: S3Transport, bucket: str) -> None:
-
     url, key = f"s3://{bucket}/c/step-1", "c/step-1/__0_0.distcp"
     _save_full(url, 21, t)
     data = bytearray(ops.get_bytes(t, bucket, key))
@@ -369,7 +347,6 @@ def test_modified_data_file_is_refused(t: S3Transport, bucket: str) -> None:
 
 
 def test_metadata_verified_before_unpickling(t: S3Transport, bucket: str, tmp_path: Path) -> None:
-
     url, prefix = f"s3://{bucket}/m/step-1", "m/step-1/"
     _save_full(url, 31, t)
     good = ops.get_bytes(t, bucket, prefix + ".metadata")
@@ -404,7 +381,6 @@ def test_metadata_verified_before_unpickling(t: S3Transport, bucket: str, tmp_pa
 
 
 def test_overwrite_policy(t: S3Transport, bucket: str) -> None:
-
     url = f"s3://{bucket}/o/step-1"
     _save_full(url, 41, t)
     with pytest.raises(ConflictError, match="overwrite=True"):
@@ -436,7 +412,6 @@ def test_overwrite_policy(t: S3Transport, bucket: str) -> None:
 def test_torch_filesystem_reader_reads_a_downloaded_copy(
     saved_by_4: dict[str, Any], t: S3Transport, tmp_path: Path
 ) -> None:
-
     url = saved_by_4["urls"]["prefixed"]
     bucket, prefix = url[len("s3://") :].split("/", 1)
     for rel in _keys(t, url):
@@ -449,7 +424,6 @@ def test_torch_filesystem_reader_reads_a_downloaded_copy(
 
 
 def test_nearby_items_share_one_ranged_get(t: S3Transport, bucket: str) -> None:
-
     url = f"s3://{bucket}/g/step-1"
     state = {f"t{i:02d}": torch.full((256,), float(i)) for i in range(20)}
     s3dcp.save(dict(state), url, transport=t, no_dist=True)
@@ -462,7 +436,6 @@ def test_nearby_items_share_one_ranged_get(t: S3Transport, bucket: str) -> None:
 
 
 def test_plan_spans() -> None:
-
     infos = [_StorageInfo("b", 0, 10), _StorageInfo("a", 100, 50), _StorageInfo("a", 0, 10), _StorageInfo("a", 30, 10)]
     spans = plan_spans(infos, gap=20, max_span=1000)
     assert [(s.path, s.start, s.end, len(s.items)) for s in spans] == [
@@ -474,7 +447,7 @@ def test_plan_spans() -> None:
     assert [(s.start, s.end) for s in plan_spans(infos, gap=100, max_span=1000)] == [(0, 150), (0, 10)]
 
 
-@pytest.mark.xfail(strict=True, reason="catalog.py groups *.distcp by their parent folder; see s3ckpt.dcp report")
+@pytest.mark.xfail(strict=True, reason="catalog.py groups *.distcp by parent folder, not __shardN/")
 def test_catalog_groups_shard_subprefixes(saved_by_4: dict[str, Any], t: S3Transport) -> None:
     entries = [e for e in list_checkpoints(t, saved_by_4["urls"]["prefixed"].rsplit("/", 1)[0]) if e.kind == "sharded"]
     prefixed = [e for e in entries if "step-2" in e.url]

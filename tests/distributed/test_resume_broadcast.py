@@ -176,9 +176,9 @@ def _rank_main(cfg_json: str, rank_arg: str) -> None:  # pragma: no cover - runs
     load("shared_one_node")
     # A /proc this rank may not read: the node shares a plain file in /dev/shm instead of the memfd.
     can_open = distributed_load._can_open
-    distributed_load._can_open = lambda shared: not shared.path.startswith("/proc/") and can_open(shared)  # type: ignore[assignment]
+    distributed_load._can_open = lambda shared: not shared.path.startswith("/proc/") and can_open(shared)
     load("shared_file")
-    distributed_load._can_open = can_open  # type: ignore[assignment]
+    distributed_load._can_open = can_open
     if ws == 4:
         os.environ.update(LOCAL_WORLD_SIZE="2", LOCAL_RANK=str(rank % 2))
         load("shared_two_nodes")

@@ -23,7 +23,9 @@ def test_uninject_and_parse() -> None:
 
 def test_groups_and_commit_status(transport: S3Transport, bucket: str) -> None:
     for name in ("epoch=0-step=10.ckpt", "epoch=1-step=20.ckpt", "last.ckpt"):
-        s3ckpt.save({"epoch": 1, "global_step": 20, "w": torch.ones(2)}, f"s3://{bucket}/run/{name}", transport=transport)
+        s3ckpt.save(
+            {"epoch": 1, "global_step": 20, "w": torch.ones(2)}, f"s3://{bucket}/run/{name}", transport=transport
+        )
     for rank in (0, 1):
         ops.put_bytes(transport, bucket, f"run/mp_rank_0{rank}/m-step=30-last.ckpt", b"x")
     ops.put_bytes(transport, bucket, "run/m-step=30-last.ckpt.s3ckpt-group.json", b"{}")

@@ -99,7 +99,9 @@ def test_inspect_reads_only_the_pickle(
 ) -> None:
     g = torch.Generator().manual_seed(0)
     state = {
-        "state_dict": collections.OrderedDict((f"layer{i}.weight", torch.randn(1024, 1024, generator=g)) for i in range(5)),
+        "state_dict": collections.OrderedDict(
+            (f"layer{i}.weight", torch.randn(1024, 1024, generator=g)) for i in range(5)
+        ),
         "bf16": torch.randn(1000, dtype=torch.bfloat16, generator=g),
         "ids": torch.arange(100, dtype=torch.int64),
         "epoch": 7,

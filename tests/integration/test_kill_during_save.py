@@ -39,7 +39,9 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_sigkill_mid_save_keeps_previous_checkpoint(s3_server: LocalS3Server, transport: S3Transport, bucket: str) -> None:
+def test_sigkill_mid_save_keeps_previous_checkpoint(
+    s3_server: LocalS3Server, transport: S3Transport, bucket: str
+) -> None:
     good = {"w": torch.arange(100.0), "global_step": 7}
     last_url = f"s3://{bucket}/run/last.ckpt"
     s3ckpt.save(good, last_url, transport=transport)

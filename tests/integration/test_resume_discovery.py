@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from typing import Any
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 import s3ckpt
-from s3ckpt.distributed import commit_model_parallel, model_parallel_rank_url, resolve_resume_path
-from s3ckpt.errors import CheckpointNotFoundError, ConfigError, ResumeError, S3NotFoundError
+from s3ckpt.distributed import _capture, commit_model_parallel, model_parallel_rank_url, resolve_resume_path
+from s3ckpt.errors import CheckpointNotFoundError, ConfigError, ResumeError, S3CheckpointError, S3NotFoundError
 from s3ckpt.layout import Manifest, manifest_key, read_manifest
 from s3ckpt.server import LocalS3Server
 from s3ckpt.transport import S3Transport, ops
@@ -98,7 +99,7 @@ def test_model_parallel_files_are_one_checkpoint(transport: S3Transport, bucket:
 def test_nothing_found(transport: S3Transport, bucket: str) -> None:
     run = f"s3://{bucket}/run"
     _save(transport, f"{run}/epoch=0-step=10.ckpt")  # not a *last.ckpt
-    with pytest.raises(CheckpointNotFoundError, match="no usable .* Cannot resume; pass resume_ignore_no_checkpoint"):
+    with pytest.raises(CheckpointNotFoundError, match=r"no usable .* Cannot resume; pass resume_ignore_no_checkpoint"):
         _resolve(transport, run)
     with pytest.warns(UserWarning, match="Training from scratch"):
         assert _resolve(transport, run, resume_ignore_no_checkpoint=True) is None
@@ -117,7 +118,9 @@ def test_unfinished_newest_is_skipped(transport: S3Transport, bucket: str) -> No
     # A multipart upload that never completed: S3 shows nothing, so the older checkpoint is chosen.
     client = transport.clients.get()
     upload = client.create_multipart_upload(Bucket=bucket, Key="run/u-step=20-last.ckpt")
-    client.upload_part(Bucket=bucket, Key="run/u-step=20-last.ckpt", UploadId=upload["UploadId"], PartNumber=1, Body=b"x")
+    client.upload_part(
+        Bucket=bucket, Key="run/u-step=20-last.ckpt", UploadId=upload["UploadId"], PartNumber=1, Body=b"x"
+    )
     assert _resolve(transport, run) == f"{run}/u-step=10-last.ckpt"
 
     # A sharded (DCP) directory is committed by its .metadata, written last.
@@ -161,3 +164,19 @@ def test_altered_bytes_need_full_verification(transport: S3Transport, bucket: st
     assert _resolve(transport, run) == f"{run}/{key[4:]}", "HEAD checks cannot see altered bytes"
     with pytest.warns(UserWarning, match=r"Skipping checkpoint .*r-step=20-last\.ckpt: .*is corrupted: CRC32C"):
         assert _resolve(transport, run, verify_candidates=True) == f"{run}/r-step=10-last.ckpt"
+
+
+def test_an_error_that_does_not_pickle_still_reaches_the_other_ranks() -> None:
+    class Local(Exception):  # a local class cannot be pickled: the broadcast would fail on rank 0
+        pass
+
+    def fail() -> None:
+        raise Local("rank 0 broke")
+
+    outcome = _capture(fail)
+    received = pickle.loads(pickle.dumps(outcome))
+    with pytest.raises(Local):
+        outcome.unwrap()  # the rank that failed raises its own exception, traceback and all
+    with pytest.raises(S3CheckpointError, match=r"\.Local: rank 0 broke$") as info:
+        received.unwrap()
+    assert "broadcast to this one" in info.value.__notes__[0] and "in fail" in info.value.__notes__[0]

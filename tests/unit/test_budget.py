@@ -84,3 +84,28 @@ def test_spread_key_is_stable_and_spread() -> None:
     assert spread_url("s3://bkt/run/x.ckpt", 2, 4) == f"s3://bkt/{keys[2]}"
     with pytest.raises(ConfigError):
         spread_key("run/x.ckpt", -1, 4)
+
+
+def test_checkpoint_io_checks_the_budget_on_construction() -> None:
+    """The plugin applies NeMo's rule to its own settings: a warning by default, an error when strict."""
+    import warnings
+
+    from s3ckpt.errors import ConfigError
+    from s3ckpt.lightning import S3CheckpointIO
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        io = S3CheckpointIO(
+            "s3://bucket/run", max_write_concurrency=100, tensor_parallel_size=8, pipeline_parallel_size=4
+        )
+    assert any("3500" in str(w.message) or "3,500" in str(w.message) for w in caught)
+    assert io.request_budget is not None
+    with pytest.raises(ConfigError):
+        S3CheckpointIO(
+            "s3://bucket/run",
+            max_write_concurrency=100,
+            tensor_parallel_size=8,
+            pipeline_parallel_size=4,
+            strict_request_budget=True,
+        )
+    S3CheckpointIO("s3://bucket/run", strict_request_budget=True)  # NeMo's defaults fit the budget

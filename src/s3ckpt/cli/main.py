@@ -168,8 +168,12 @@ def _run_passthrough(command: str, rest: list[str]) -> int:
             sys.path.insert(0, str(Path.cwd()))  # `s3ckpt bench` from a source checkout, as `make bench`
             entry = importlib.import_module(module)
         elif exc.name in (module, module.split(".")[0]):
-            where = "a source checkout (run it from the repository root)" if command == "bench" else "this install"
-            raise CommandError(f"`{PROG} {command}` is not available: {module} is missing from {where}") from None
+            if command == "bench":
+                raise CommandError(
+                    f"`{PROG} bench` runs from a source checkout: cd to the repository root (its benchmarks/ "
+                    "folder is not installed with the package)"
+                ) from None
+            raise CommandError(f"`{PROG} {command}` is not available: {module} is missing from this install") from None
         else:
             raise CommandError(f"`{PROG} {command}` cannot start: {exc} (install the missing package)") from None
     return int(entry.main(rest) or 0)

@@ -137,7 +137,8 @@ def commit(
     """
     url = f"s3://{bucket}/{prefix}"
     files, items, storage = _collect(results, url)
-    with ThreadPoolExecutor(min(_HEAD_CONCURRENCY, max(1, len(files))), thread_name_prefix="s3ckpt-dcp-head") as pool:
+    workers = max(1, min(_HEAD_CONCURRENCY, t.clients.max_pool_connections, len(files)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="s3ckpt-dcp-head") as pool:
         problems = [p for p in pool.map(lambda kv: _check_file(t, bucket, prefix, *kv), files.items()) if p]
     if problems:
         raise CheckpointCorruptedError(

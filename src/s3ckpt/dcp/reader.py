@@ -285,7 +285,8 @@ class S3StorageReader(StorageReader):
             data = ops.get_bytes(self.transport, self.bucket, self.prefix + MANIFEST_NAME)
         except S3NotFoundError as exc:
             raise CheckpointCorruptedError(
-                f"{where} is missing, so {self.url} cannot be verified (not written by s3ckpt, or damaged); "
+                f"{where} is missing, so {self.url} cannot be verified (not written by s3ckpt, damaged, or being "
+                "overwritten right now); "
                 "pass verify=False to load a checkpoint written by another DCP writer"
             ) from exc
         return Manifest.from_json(data, where=where)

@@ -19,6 +19,7 @@ from torch.futures import Future
 
 from ..checkpoint import resolve_transport
 from ..errors import ConfigError
+from ..transport.client import ClientFactory
 from ..transport.context import S3Transport
 from ..transport.upload import MultipartWriter
 from .commit import clear_previous, commit
@@ -126,6 +127,14 @@ class S3StorageWriter(StorageWriter):
         self.transport = resolve_transport(
             transport, chunk_size_MB=chunk_size_MB, max_write_concurrency=max_write_concurrency
         )
+        need = files_per_rank * self.transport.transfer.max_write_concurrency + 4
+        if need > self.transport.clients.max_pool_connections:
+            # Parallel files multiply the parts in flight; a pool smaller than that would open and drop a
+            # connection for every part past its size.
+            t = self.transport
+            self.transport = S3Transport(
+                ClientFactory(t.clients.config, max_pool_connections=need), t.retrier, t.transfer
+            )
         self.prefix_strategy: PrefixStrategy = prefix_strategy if prefix_strategy is not None else FlatPrefixStrategy()
         self.files_per_rank = files_per_rank
         self.overwrite = overwrite

@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
@@ -64,7 +65,7 @@ def _narrate(event: dict[str, Any]) -> None:
     kind = event.get("event")
     if kind == "saved":
         print(
-            f"  saved    {event['path']}  {event['bytes'] / 1e6:6.1f} MB  {event['save_s']:.2f} s  "
+            f"  saved    {event['path']}  {event['bytes'] / 1e6:6.1f} MB  upload {event['upload_s']:.2f} s  "
             f"(training stalled {event['stall_s'] * 1000:.0f} ms)",
             flush=True,
         )
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 if second.returncode != 0:
                     failures.append(f"the resumed training failed (exit {second.returncode}); see {log_path}")
                     log.flush()
-                    print(open(log_path).read()[-3000:], file=sys.stderr)
+                    print(Path(log_path).read_text()[-3000:], file=sys.stderr)
                 elif expected is None:
                     failures.append("no checkpoint was found to resume from")
                 else:
@@ -205,7 +206,7 @@ def _summary(
     print("\nSummary", flush=True)
     print(f"  checkpoints written      {len(saves)} ({total / 1e6:.1f} MB in total)")
     if saves:
-        gbps = [e["bytes"] / e["save_s"] / 1e9 for e in saves if e["save_s"] > 0]
+        gbps = [e["bytes"] / e["upload_s"] / 1e9 for e in saves if e["upload_s"] > 0]
         stall = [e["stall_s"] for e in saves]
         print(f"  save throughput          {min(gbps):.3f}-{max(gbps):.3f} GB/s (upload in the background)")
         print(f"  training stalled         {sum(stall):.2f} s in total, max {max(stall) * 1000:.0f} ms per save")

@@ -36,7 +36,15 @@ class Reporter(Callback):
     def _flush(self) -> None:
         records = list(self.io.records)
         for r in records[self.seen :]:
-            emit("saved", path=r.path, bytes=r.bytes, save_s=r.save_s, stall_s=r.stall_s, committed_at=r.committed_at)
+            emit(
+                "saved",
+                path=r.path,
+                bytes=r.bytes,
+                save_s=r.save_s,
+                upload_s=r.upload_s,
+                stall_s=r.stall_s,
+                committed_at=r.committed_at,
+            )
         self.seen = len(records)
         removals = list(getattr(self.io, "removals", []))
         for rm in removals[self.removals_seen :]:
@@ -81,6 +89,9 @@ def run(mode: str, cfg: dict[str, Any]) -> None:
         max_read_concurrency=cfg.get("max_read_concurrency", 8),
         max_write_concurrency=cfg.get("max_write_concurrency", 4),
         async_checkpointing=True,
+        # Lightning saves the top-k file and last.ckpt back to back at each checkpoint step: room for both
+        # keeps the second from waiting on the first (memory: two host snapshots of this small model).
+        max_pending_saves=2,
     )
     ckpt = S3ModelCheckpoint(
         dirpath=dirpath,

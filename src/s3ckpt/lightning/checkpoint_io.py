@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from .. import checkpoint as ck
 from ..async_saver import AsyncSaver
+from ..budget import check_request_budget
 from ..config import ClientConfig, RetryConfig, TransferConfig
 from ..errors import ConfigError
 from ..s3_dirpath_utils import is_s3_url, parse_s3_url
@@ -47,12 +48,16 @@ class SaveRecord:
     stall_s: float
     """Seconds ``save_checkpoint`` blocked the caller (the whole save when synchronous)."""
     save_s: float
-    """Seconds from the call until the checkpoint was committed on S3."""
+    """Seconds from the call until the checkpoint was committed on S3 (async: including time queued)."""
     committed_at: float
+    upload_s: float = 0.0
+    """Seconds spent serializing and uploading (the transfer itself, without queueing)."""
 
     @property
     def gbps(self) -> float:
-        return self.bytes / self.save_s / 1e9 if self.save_s > 0 else 0.0
+        """Transfer throughput in GB/s (bytes over ``upload_s``)."""
+        seconds = self.upload_s or self.save_s
+        return self.bytes / seconds / 1e9 if seconds > 0 else 0.0
 
 
 @dataclass
@@ -87,6 +92,10 @@ class S3CheckpointIO(CheckpointIO):
         async_checkpointing: return from ``save_checkpoint`` once the state is snapshotted into host memory
             and upload in the background (see :mod:`s3ckpt.async_saver` for the guarantees).
         max_pending_saves: async only: saves queued or running at once before a new one waits.
+        tensor_parallel_size, pipeline_parallel_size: how many ranks write under one prefix at once, for
+            NeMo's request-budget rule ``concurrency * tp * pp * 1.15`` within 3,500 writes / 5,500 reads per
+            second per prefix (see :mod:`s3ckpt.budget`).
+        strict_request_budget: raise ``ConfigError`` instead of warning when the budget is exceeded.
         client: endpoint, region, credentials; default from the environment.
         retry: retry policy; default from the environment.
         verify: check each checkpoint's CRC32C before unpickling (``"require"`` refuses unverifiable ones).
@@ -104,6 +113,9 @@ class S3CheckpointIO(CheckpointIO):
         async_checkpointing: bool = False,
         *,
         max_pending_saves: int = 1,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        strict_request_budget: bool = False,
         client: ClientConfig | None = None,
         retry: RetryConfig | None = None,
         verify: bool | str = True,
@@ -120,6 +132,14 @@ class S3CheckpointIO(CheckpointIO):
             chunk_size_MB=chunk_size_MB,
             max_read_concurrency=max_read_concurrency,
             max_write_concurrency=max_write_concurrency,
+        )
+        # NeMo's rule, checked before the first save rather than discovered as 503 SlowDown mid-run.
+        self.request_budget = check_request_budget(
+            max_write_concurrency,
+            max_read_concurrency,
+            tensor_parallel_size,
+            pipeline_parallel_size,
+            strict=strict_request_budget,
         )
         self.async_checkpointing = bool(async_checkpointing)
         self.verify = verify
@@ -167,7 +187,7 @@ class S3CheckpointIO(CheckpointIO):
         if self._saver is None:
             stats = ck.save(checkpoint, url, transport=self.transport)
             elapsed = time.perf_counter() - start
-            self._record(SaveRecord(url, stats.bytes, elapsed, elapsed, time.time()))
+            self._record(SaveRecord(url, stats.bytes, elapsed, elapsed, time.time(), stats.seconds))
             return
         saver = self._saver
         saver.raise_if_failed()
@@ -178,7 +198,7 @@ class S3CheckpointIO(CheckpointIO):
 
         def upload() -> None:
             stats = ck.save(snapshot, url, transport=self.transport)
-            self._record(SaveRecord(url, stats.bytes, stall, time.perf_counter() - start, time.time()))
+            self._record(SaveRecord(url, stats.bytes, stall, time.perf_counter() - start, time.time(), stats.seconds))
 
         saver.submit_save(url, upload)
 
