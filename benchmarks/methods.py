@@ -154,7 +154,7 @@ def _prepare(spec: Spec) -> Callable[..., Any]:
         tio = TorchCheckpointIO()
         if op == "save":
             return lambda state: tio.save_checkpoint(state, url)
-        return lambda: tio.load_checkpoint(url, map_location="cpu")
+        return lambda: tio.load_checkpoint(url)  # its default map_location keeps storages where saved (CPU)
     if method == "s3torchconnector":
         ck = _s3tc(spec)
         if op == "save":

@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -140,7 +140,7 @@ def plot(path: Path, records: Sequence[Record], title: str) -> str | None:
         return "matplotlib is not installed: pip install -e '.[bench]' (or pip install matplotlib==3.11.2)"
     methods = list(dict.fromkeys(r.method for r in records))
     by = {(r.method, r.op): r for r in records}
-    panels = [
+    panels: list[tuple[str, Callable[[Record], float | None]]] = [
         ("wall seconds (lower is better)", lambda r: r.wall_s),
         ("GB/s (higher is better)", lambda r: r.gbps),
         ("client CPU-s per GB", lambda r: r.cpu_s_per_gb),
@@ -150,10 +150,11 @@ def plot(path: Path, records: Sequence[Record], title: str) -> str | None:
     width = 0.38
     for ax, (name, get) in zip(axes.flat, panels, strict=True):
         for k, (op, color) in enumerate((("save", "#4878a8"), ("load", "#e0883a"))):
-            xs, ys = [], []
+            xs: list[float] = []
+            ys: list[float] = []
             for i, m in enumerate(methods):
                 rec = by.get((m, op))
-                value = get(rec) if rec is not None else None
+                value: float | None = get(rec) if rec is not None else None
                 if value is not None:
                     xs.append(i + (k - 0.5) * width)
                     ys.append(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -59,6 +60,7 @@ FIXED_SETTINGS: dict[str, dict[str, Any]] = {
 SAVE_GRID = [{"chunk_size_MB": c, "max_write_concurrency": w} for c in (8, 16, 32) for w in (4, 8)]
 LOAD_GRID = [{"max_read_concurrency": r} for r in (4, 8)]
 BUCKET = "bench"
+_SEQ = itertools.count(1)  # unique spec and result file names across every Bench of the run
 
 
 def _log(msg: str) -> None:
@@ -81,7 +83,6 @@ class Bench:
         self.peers = peers
         self.workdir = workdir
         self.tmpfs = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else workdir
-        self.count = 0
         self.t0 = time.monotonic()
         # The workers' environment: none of the caller's AWS or s3ckpt settings (an AWS_ENDPOINT_URL_S3 would
         # win over ours); the server's endpoint and credentials travel in each spec.
@@ -121,7 +122,7 @@ class Bench:
             if self.peers is None or self.peers.python is None:
                 return {"error": self.peers.error if self.peers else "peers venv not requested"}
             python = self.peers.python
-        self.count += 1
+        seq = next(_SEQ)
         spec = {
             "method": method,
             "op": op,
@@ -134,10 +135,10 @@ class Bench:
             "region": self.server.region,
             "server_pid": self.server.pid,
             "tmpfs_dir": str(self.tmpfs),
-            "out": str(self.workdir / f"result-{self.count}.json"),
+            "out": str(self.workdir / f"result-{seq}.json"),
             "env": self.server.env(),
         }
-        spec_path = self.workdir / f"spec-{self.count}.json"
+        spec_path = self.workdir / f"spec-{seq}.json"
         spec_path.write_text(json.dumps(spec))
         timeout = 120 + size / (20 * MiB)
         error = self._run(python, spec_path, timeout)
@@ -158,7 +159,9 @@ class Bench:
             )
         return result
 
-    def pair(self, method: str, settings: dict[str, Any], key: str, size: int) -> tuple[dict[str, Any], dict | None]:
+    def pair(
+        self, method: str, settings: dict[str, Any], key: str, size: int
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Save then (unless save-only) load one object; the load is skipped if the save failed."""
         saved = self.worker(method, "save", settings, key, size)
         loaded = None
@@ -224,6 +227,7 @@ def compare_servers(args: argparse.Namespace, workdir: Path, size: int, main_ben
     with bench_server.start_server(workdir / "weed-default", tuned=False) as server:
         bench_server.warm_up(server, BUCKET)
         bench = Bench(args, server, None, workdir, forks=main_bench.forks)
+        bench.t0 = main_bench.t0
         out["default"] = bench.worker("raw", "save", FIXED_SETTINGS["raw"], "compare/default", size)
     out["tuned"] = main_bench.worker("raw", "save", FIXED_SETTINGS["raw"], "compare/tuned", size)
     for which in ("default", "tuned"):
@@ -286,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(args, server, peers, workdir)
             stack.callback(bench.close)
             compare = None if args.no_server_compare else compare_servers(args, workdir, size, bench)
-            tuned, sweep_table = dict(DEFAULTS), []
+            tuned: dict[str, Any] = dict(DEFAULTS)
+            sweep_table: list[dict[str, Any]] = []
             if {"s3ckpt-tuned", "s3ckpt-async"} & set(methods):
                 tuned, sweep_table = sweep(bench, args.sweep_size, args.sweep_runs)
                 _log(f"[{bench.elapsed():6.0f}s] best settings: {tuned}")

@@ -70,6 +70,7 @@ def fault_proxy(s3_server: LocalS3Server) -> Iterator[FaultProxy]:
         proxy.stop()
         leftover = [t.name for t in threading.enumerate() if t.name.startswith("fault-proxy")]
         assert not leftover, f"fault proxy threads still running after stop(): {leftover}"
+        assert not proxy.errors, f"the fault proxy itself failed: {proxy.errors!r}"
 
 
 @pytest.fixture

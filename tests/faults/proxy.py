@@ -33,6 +33,7 @@ import random
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -261,6 +262,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._rules: list[Fault] = []
         self._log: list[LogEntry] = []
+        self._errors: list[BaseException] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -308,6 +310,13 @@ class FaultProxy:
     def url(self) -> str:
         """``http://127.0.0.1:<port>``: the endpoint to give the S3 client."""
         return f"http://{self._host}:{self.port}"
+
+    @property
+    def errors(self) -> list[BaseException]:
+        """Unexpected exceptions raised inside the proxy's handlers (bugs of the proxy, not network failures,
+        which are part of its job). A test fixture should check this is empty."""
+        with self._lock:
+            return list(self._errors)
 
     @property
     def open_connections(self) -> int:
@@ -462,7 +471,11 @@ class _Server(ThreadingHTTPServer):
                 self._conns.pop(request, None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """Connection errors are part of the job here: never print tracebacks for them."""
+        """Connection errors are part of the job here; anything else is a proxy bug, kept for the fixture."""
+        exc = sys.exc_info()[1]
+        if exc is not None and not isinstance(exc, OSError):
+            with self.proxy._lock:
+                self.proxy._errors.append(exc)
 
     def connection_count(self) -> int:
         with self._conns_lock:

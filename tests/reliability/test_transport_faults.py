@@ -4,16 +4,24 @@ Every test here runs the real botocore client against the real SeaweedFS server 
 :class:`tests.faults.FaultProxy`, a real HTTP/1.1 proxy that forwards each request byte for byte and
 misbehaves on the requests its rules select (503 SlowDown, 500 InternalError, TCP resets mid-body,
 truncated bodies, lost responses). Nothing is mocked: the retries, aborts and error translation under test
-are the ones a user gets.
+are the ones a user gets. Two tests check the proxy itself first (framing, headers, keep-alive, ``delay``,
+``Expect: 100-continue``), one of them against a stand-in upstream.
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
+import io
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import boto3
+import botocore.config
 import botocore.exceptions as bce
 import pytest
 import torch
@@ -129,6 +137,104 @@ def test_proxy_is_transparent_and_classifies_requests(
     assert "Other" not in kinds
     assert all(e.action is None for e in fault_proxy.log)
     assert t.retrier.stats.total_retries == 0
+
+
+class _EchoUpstream(BaseHTTPRequestHandler):
+    """A stand-in upstream: answers every PUT with the body it received, re-sent in chunked encoding, and
+    reports the request's Host, framing and a custom header."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self) -> None:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = bytearray()
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()  # the blank line after the last chunk
+        else:
+            body = bytearray(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Seen-Host", self.headers["Host"])
+        self.send_header("X-Seen-Framing", self.headers.get("Transfer-Encoding", "length"))
+        self.send_header("X-Seen-Custom", self.headers.get("X-Custom", ""))
+        self.send_header("X-Seen-Connection", self.headers.get("Connection", ""))
+        self.end_headers()
+        for i in range(0, len(body), 300_000):
+            piece = body[i : i + 300_000]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_proxy_streams_chunked_bodies_keeps_host_and_delays() -> None:
+    """The proxy itself, on a real socket path to a stand-in upstream: a chunked request body and a chunked
+    response body pass through intact (several MiB, both directions), Host and end-to-end headers arrive
+    unchanged while the hop-by-hop Connection header does not, the client connection is kept alive across
+    requests, and a ``delay`` rule holds a request back."""
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _EchoUpstream)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    payload = random.Random(7).randbytes(3 * MiB + 12345)
+    try:
+        with FaultProxy(f"http://127.0.0.1:{upstream.server_address[1]}") as proxy:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+            chunks = (payload[i : i + 700_000] for i in range(0, len(payload), 700_000))
+            headers = {"Host": "signed-host:1234", "X-Custom": "kept", "Connection": "keep-alive"}
+            conn.request("PUT", "/bkt/a?x=1", body=chunks, headers=headers, encode_chunked=True)
+            resp = conn.getresponse()
+            echoed = resp.read()
+            assert resp.status == 200
+            assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+            assert resp.getheader("X-Seen-Host") == "signed-host:1234"
+            assert resp.getheader("X-Seen-Framing") == "chunked"
+            assert resp.getheader("X-Seen-Custom") == "kept"
+            assert resp.getheader("X-Seen-Connection") == ""
+
+            proxy.add(Fault("PutObject", "delay", delay_s=0.3, count=1))
+            start = time.monotonic()
+            conn.request("PUT", "/bkt/b", body=payload[:MiB], headers={"Host": "signed-host:1234"})
+            resp = conn.getresponse()
+            assert resp.read() == payload[:MiB]
+            assert resp.getheader("X-Seen-Framing") == "length"
+            assert time.monotonic() - start >= 0.3
+            conn.close()
+
+            assert [(e.kind, e.action, e.status) for e in proxy.log] == [
+                ("PutObject", None, 200),
+                ("PutObject", "delay", 200),
+            ]
+            assert proxy.errors == []
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def test_proxy_answers_503_before_an_expected_body(
+    fault_proxy: FaultProxy, s3_server: LocalS3Server, bucket: str, prefix: str
+) -> None:
+    """The proxy itself with a plain boto3 client (its own retries on) in front of the real server: a
+    file-like body makes botocore send ``Expect: 100-continue``; the injected 503 is answered without a
+    ``100 Continue``, so botocore never sends that body (the connection is closed, as S3 does), the retry
+    gets ``100 Continue`` and its body is forwarded, and the object arrives intact."""
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=fault_proxy.url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+        config=botocore.config.Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 3}),
+    )
+    payload = random.Random(8).randbytes(2 * MiB)
+    fault_proxy.add(Fault("PutObject", "status_503", count=1))
+
+    client.put_object(Bucket=bucket, Key=prefix + "expect.bin", Body=io.BytesIO(payload))
+
+    assert [(e.action, e.status) for e in fault_proxy.entries("PutObject")] == [("status_503", 503), (None, 200)]
+    assert client.get_object(Bucket=bucket, Key=prefix + "expect.bin")["Body"].read() == payload
 
 
 # -- 503 / 500 ----------------------------------------------------------------------------------------------
@@ -410,6 +516,7 @@ def test_access_denied_read_only_identity_fails_at_once(
         assert err.__cause__.response["Error"]["Code"] == "AccessDenied"  # type: ignore[union-attr]
         assert (proxy.log[0].kind, proxy.log[0].status) == (first_request, 403)
         assert ops.get_bytes(t, "shared", "existing.bin") == b"readable"
+        assert proxy.errors == []
 
 
 @pytest.mark.parametrize("op", ["save", "load"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,7 +65,7 @@ def test_median_skips_missing() -> None:
     assert median([]) is None
 
 
-def _run(wall: float, cpu: float = 1.0, rss: int = 100 * MiB, **extra: object) -> dict[str, object]:
+def _run(wall: float, cpu: float = 1.0, rss: int = 100 * MiB, **extra: object) -> dict[str, Any]:
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": rss, "server_cpu_s": 10.0, **extra}
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from ..catalog import GROUP_MARKER_SUFFIX, CheckpointEntry, list_checkpoints
+from ..catalog import GROUP_MARKER_SUFFIX, CheckpointEntry, list_checkpoints, uninject_model_parallel_rank
 from ..layout import MANIFEST_SUFFIX, manifest_key
 from ..s3_dirpath_utils import build_s3_url
 from ..transport import ops
 from ..transport.ops import PendingUpload
 from .context import CommandError, Context, UsageError, age_cutoff, format_duration, s3_url
-from .output import format_time, human_size
+from .output import PROG, format_time, human_size
 from .targets import entry_keys, find_target, resume_pick
 
 __all__ = ["cmd_gc", "cmd_prune", "cmd_rm"]
@@ -91,6 +91,20 @@ def _execute(ctx: Context, plan: _Plan, what: str) -> int:
     return 0
 
 
+def _refuse_partial(bucket: str, key: str) -> None:
+    """One rank's file or one shard is part of a committed whole: deleting it alone would leave a checkpoint
+    that resume still picks (its marker says committed) but that cannot load."""
+    whole = uninject_model_parallel_rank(key)
+    base = key.rsplit("/", 1)[-1]
+    if whole == key and (base == ".metadata" or base.endswith(".distcp")):
+        whole = key[: len(key) - len(base)]
+    if whole != key:
+        raise CommandError(
+            f"s3://{bucket}/{key} is one piece of the checkpoint s3://{bucket}/{whole}; remove the whole "
+            f"checkpoint instead: {PROG} rm s3://{bucket}/{whole}"
+        )
+
+
 def cmd_rm(ctx: Context, args: argparse.Namespace) -> int:
     """Delete one checkpoint: a file and its manifest, a model-parallel group, or a sharded directory."""
     bucket, key = s3_url(args.url)
@@ -102,6 +116,7 @@ def cmd_rm(ctx: Context, args: argparse.Namespace) -> int:
     target = find_target(t, args.url)
     plan = _Plan("rm", bucket)
     if target is not None and target.info is not None:
+        _refuse_partial(bucket, target.key)
         plan.deletions.append(_Deletion(target.url, [target.key, manifest_key(target.key)], target.info.size, "rm"))
     elif target is not None and target.entry is not None:
         plan.deletions.append(_entry_deletion(ctx, bucket, target.entry, f"rm {target.entry.kind}"))

@@ -15,7 +15,7 @@ from ..transport import ops
 from ..transport.ops import ObjectInfo
 from .context import CommandError, Context, UsageError, s3_url
 from .output import human_size
-from .transfer import Progress, copy_s3_to_s3, download_to_file, timed, upload_file
+from .transfer import Progress, copy_s3_to_s3, download_to_file, drop_stale_manifest, timed, upload_file
 
 __all__ = ["cmd_cp"]
 
@@ -152,8 +152,8 @@ def cmd_cp(ctx: Context, args: argparse.Namespace) -> int:
 def _copy_one(
     ctx: Context, args: argparse.Namespace, source: _Source, dest: str, progress: Progress
 ) -> tuple[str, float]:
+    """Copy one object; returns how (for the report) and the seconds it took."""
     t = ctx.transport
-    manifest = not args.no_manifest and _wants_manifest(dest)
     info = source.info
     if info is not None and source.listed:
         info = ops.head(t, info.bucket, info.key)  # a listing omits the checksum and metadata a copy needs
@@ -162,13 +162,16 @@ def _copy_one(
         how, seconds = timed(lambda: download_to_file(t, src, Path(dest), verify=not args.no_verify, progress=progress))
         return f"download, {how}", seconds
     bucket, key = s3_url(dest, require_key=True, what="destination")
-    if info is not None:
-        src = info
-        (_, method), seconds = timed(
-            lambda: copy_s3_to_s3(t, src, bucket, key, manifest=manifest, stream=args.stream, progress=progress)
-        )
-        return str(method), seconds
-    assert source.path is not None
-    path = source.path
-    _, seconds = timed(lambda: upload_file(t, path, bucket, key, manifest=manifest, progress=progress))
-    return "upload", seconds
+    manifest = _wants_manifest(dest) and not args.no_manifest
+
+    def copy() -> str:
+        if info is not None:
+            return copy_s3_to_s3(t, info, bucket, key, manifest=manifest, stream=args.stream, progress=progress)[1]
+        assert source.path is not None
+        upload_file(t, source.path, bucket, key, manifest=manifest, progress=progress)
+        return "upload"
+
+    method, seconds = timed(copy)
+    if _wants_manifest(dest) and args.no_manifest:
+        drop_stale_manifest(t, bucket, key)
+    return str(method), seconds

@@ -26,16 +26,16 @@ import crc32c as _crc32c
 
 from ..config import MAX_PART_SIZE
 from ..errors import CheckpointCorruptedError
-from ..layout import expected_crc32c, read_manifest, summarize_meta, write_manifest
+from ..layout import expected_crc32c, manifest_key, read_manifest, summarize_meta, write_manifest
 from ..serialization import crc32c_of
 from ..transport.context import S3Transport
 from ..transport.download import download_into
-from ..transport.ops import ObjectInfo, head
+from ..transport.ops import ObjectInfo, delete_object, head
 from ..transport.upload import NONCE_META, MultipartWriter, UploadResult
 from .safe_pickle import safe_load
 from .zipread import RangeReader
 
-__all__ = ["Progress", "copy_s3_to_s3", "download_to_file", "local_meta", "timed", "upload_file"]
+__all__ = ["Progress", "copy_s3_to_s3", "download_to_file", "drop_stale_manifest", "local_meta", "timed", "upload_file"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ def upload_file(
     if manifest:
         write_manifest(t, result, local_meta(path))
     return result
+
+
+def drop_stale_manifest(t: S3Transport, bucket: str, key: str) -> None:
+    """Delete the manifest of an object just replaced without one: it describes the old bytes, and
+    ``verify`` would report the new object as corrupted."""
+    delete_object(t, bucket, manifest_key(key))
 
 
 def download_to_file(t: S3Transport, info: ObjectInfo, dest: Path, *, verify: bool, progress: Progress) -> str:
