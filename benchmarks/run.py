@@ -22,13 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import report
 from .forkserver import ForkServer
-from .peers import PeerEnv, ensure_peers
+from .peers import PeerEnv, ensure_peers, peer_requirements
 from .stats import GB, MiB, Record, derived_ratios, fmt_size, median, parse_size, summarize
 from .workload import state_bytes
 
@@ -307,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.clean()
             server_meta = bench_server.server_info(server, tuned=True)
     except Exception as exc:
+        traceback.print_exc()
         _log(f"benchmark failed: {type(exc).__name__}: {exc}")
         return 1
     finally:
@@ -333,13 +335,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sweep_size": args.sweep_size,
             "sweep_runs": args.sweep_runs,
             "tuned_settings": tuned,
+            "bytes": "tensor bytes of the state dict (the same for every method); GB = 1e9 bytes",
+            "processes": "a new interpreter per measurement" if args.spawn else "a child forked per measurement",
             "measurement": "each figure in a fresh process; medians; wall = operation only; CPU = client "
             "user+system over the operation, all threads; peak RSS = VmHWM minus RSS before the operation "
             "(save: above the state dict; load: above a fresh process, includes the loaded tensors)",
         },
         "machine": machine,
         "server": {**server_meta, "default_vs_tuned_raw_put": compare},
-        "peers": None if peers is None else {"python": peers.python, "error": peers.error, "versions": peers.versions},
+        "peers": None if peers is None else {**peers.__dict__, "requirements": peer_requirements()},
         "sweep": sweep_table,
         "records": [r.to_json() for r in records],
         "ratios": [q.to_json() for q in ratios],
@@ -351,8 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.format_table(records))
     print()
     print(report.format_ratios(ratios))
+    print(f"\nsettings of s3ckpt-tuned / s3ckpt-async (sweep at {fmt_size(args.sweep_size)}): {tuned}")
+    print("server flags: " + " ".join(server_meta["command_flags"]))
     if compare:
-        print()
         print(report.format_compare(compare))
     print(f"\nwrote {json_path}" + (f"; no PNG: {png_note}" if png_note else f" and {json_path.with_suffix('.png')}"))
     print(f"total {doc['total_s']:.0f} s; load average {machine['load_avg_at_start']} -> {machine['load_avg_at_end']}")

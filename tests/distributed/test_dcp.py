@@ -1,7 +1,7 @@
 """Sharded checkpoints through torch.distributed.checkpoint on the real server, with real gloo ranks.
 
-Ranks are subprocesses (``python -m tests.distributed.test_dcp <cfg> <rank>``) rendezvousing through a
-FileStore, so no port is picked and none can be taken by a parallel run. State is DTensor-sharded over a
+Ranks are processes forked by one launcher (``python -m tests.distributed.test_dcp <cfg>``) and rendezvous
+through a FileStore, so no port is picked and none can be taken by a parallel run. State is DTensor-sharded over a
 CPU DeviceMesh (uneven shards on purpose), plus a replicated DTensor, a plain tensor and a non-tensor.
 Tensors are small: 4 ranks share 2 cores with the server and other test runs.
 """
@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -80,8 +81,7 @@ def _transport(cfg: dict[str, Any]) -> S3Transport:
 # -- rank process ------------------------------------------------------------------------------------------------
 
 
-def _rank_main(cfg_json: str, rank_arg: str) -> None:  # pragma: no cover - runs in the rank processes
-    cfg, rank = json.loads(cfg_json), int(rank_arg)
+def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in the rank processes
     torch.set_num_threads(1)
     ws = cfg["world_size"]
     dist.init_process_group(
@@ -102,28 +102,27 @@ def _rank_main(cfg_json: str, rank_arg: str) -> None:  # pragma: no cover - runs
         out["meta"] = {"seed": -1 if empty else seed, "tag": "" if empty else f"ckpt-{seed}"}
         return out
 
-    class HangingPlanner(DefaultSavePlanner):
-        """Blocks the victim rank before its last tensor, after the earlier ones went into the upload."""
+    class KillingPlanner(DefaultSavePlanner):
+        """SIGKILLs the victim rank before its last tensor, once the earlier ones went into its upload."""
 
         def resolve_data(self, write_item: Any) -> Any:
             if rank == cfg["victim"] and write_item.type != WriteItemType.BYTE_IO:
                 self.seen = getattr(self, "seen", 0) + 1
                 if self.seen == sum(1 for i in self.plan.items if i.type != WriteItemType.BYTE_IO):
-                    Path(cfg["marker"]).write_text("uploading")
-                    time.sleep(600)
+                    os.kill(os.getpid(), signal.SIGKILL)
             return super().resolve_data(write_item)
 
     for op in cfg["ops"]:
         kind, url, seed, big = op["op"], op["url"], op["seed"], op.get("big_rows", 0)
         strategy = NumericPrefixStrategy(op["prefixes"]) if op.get("prefixes") else None
         start = time.perf_counter()
-        if kind in ("save", "async_save", "hang_save"):
+        if kind in ("save", "async_save", "kill_save"):
             writer = S3StorageWriter(url, transport=t, prefix_strategy=strategy)
             state = state_for(seed, big, empty=False)
             if kind == "async_save":
                 dcp.async_save(state, storage_writer=writer).result()
             else:
-                dcp.save(state, storage_writer=writer, planner=HangingPlanner() if kind == "hang_save" else None)
+                dcp.save(state, storage_writer=writer, planner=KillingPlanner() if kind == "kill_save" else None)
         else:
             state = state_for(seed, big, empty=True)
             dcp.load(state, storage_reader=S3StorageReader(url, transport=t))
@@ -142,49 +141,62 @@ def _rank_main(cfg_json: str, rank_arg: str) -> None:  # pragma: no cover - runs
 # -- test process --------------------------------------------------------------------------------------------------
 
 
+def _launch(cfg: dict[str, Any]) -> None:  # pragma: no cover - runs in the launcher process
+    """Fork the ranks from this interpreter, which has torch imported already: importing it once instead of
+    once per rank saves several CPU-seconds per rank, the larger part of a run on 2 shared cores."""
+    ranks: dict[int, int] = {}
+    for rank in range(cfg["world_size"]):
+        pid = os.fork()
+        if pid == 0:
+            log = os.open(cfg["logs"][rank], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            code = 1
+            try:
+                _rank_main(cfg, rank)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        ranks[pid] = rank
+    codes = {}
+    while ranks:
+        pid, status = os.wait()
+        codes[ranks.pop(pid)] = os.waitstatus_to_exitcode(status)
+    print(json.dumps([codes[r] for r in sorted(codes)]), flush=True)
+
+
 def run_ranks(
     server: Any, world_size: int, ops_: list[dict[str, Any]], workdir: Path, *, victim: int = -1, timeout_s: float = 150
 ) -> list[list[dict[str, Any]]]:
-    """Run ``ops_`` on ``world_size`` rank processes; return each rank's finished ops. With ``victim``, SIGKILL
-    that rank once it is blocked in its upload (op ``hang_save``) and let the others fail."""
+    """Run ``ops_`` on ``world_size`` rank processes; return each rank's finished ops. With ``victim``, that rank
+    SIGKILLs itself inside its upload (op ``kill_save``) and the others are expected to fail."""
     workdir.mkdir(parents=True, exist_ok=True)
-    marker = workdir / "victim-uploading"
-    store = workdir / f"store-{uuid.uuid4().hex}"
-    cfg = {**_server_cfg(server), "world_size": world_size, "store": str(store), "ops": ops_}
-    cfg.update(victim=victim, marker=str(marker))
+    logs = [workdir / f"rank{r}.log" for r in range(world_size)]
+    cfg = {**_server_cfg(server), "world_size": world_size, "ops": ops_, "victim": victim}
+    cfg.update(store=str(workdir / f"store-{uuid.uuid4().hex}"), logs=[str(p) for p in logs])
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR", PYTHONWARNINGS="ignore")
-    logs = [workdir / f"rank{r}.log" for r in range(world_size)]
     cmd = [sys.executable, "-m", "tests.distributed.test_dcp", json.dumps(cfg)]
-    procs = []
-    for r, log in enumerate(logs):
-        with open(log, "wb") as out:
-            procs.append(subprocess.Popen([*cmd, str(r)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout_s
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, start_new_session=True)
 
     def tails() -> str:
-        return "\n".join(f"--- rank {r} ---\n" + logs[r].read_text()[-3000:] for r in range(world_size))
+        return "\n".join(
+            f"--- rank {r} ---\n" + (p.read_text()[-3000:] if p.exists() else "") for r, p in enumerate(logs)
+        )
 
     try:
-        if victim >= 0:
-            while not marker.exists():
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    raise AssertionError(f"victim rank never reached its upload\n{tails()}")
-                time.sleep(0.05)
-            procs[victim].send_signal(signal.SIGKILL)
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        out, _ = launcher.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
         raise AssertionError(f"ranks did not finish in {timeout_s} s\n{tails()}") from None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    if victim >= 0:
-        assert procs[victim].returncode == -signal.SIGKILL, tails()
-    elif any(p.returncode != 0 for p in procs):
-        raise AssertionError(f"rank(s) failed: {[p.returncode for p in procs]}\n{tails()}")
+    codes = json.loads(out.decode().strip().splitlines()[-1]) if launcher.returncode == 0 else None
+    if codes is None or (victim < 0 and any(codes)) or (victim >= 0 and codes[victim] != -signal.SIGKILL):
+        raise AssertionError(f"rank exit codes {codes} (launcher {launcher.returncode})\n{tails()}")
     results = []
     for log in logs:
         lines = [ln[len(RESULT_TAG) :] for ln in log.read_text().splitlines() if ln.startswith(RESULT_TAG)]
@@ -226,7 +238,7 @@ def ranks_2(s3_server: Any, saved_by_4: dict[str, Any], tmp_path_factory: pytest
         {"op": "load", "url": urls["async"], "seed": 3},
         {"op": "save", "url": two, "seed": 7},
         {"op": "load", "url": two, "seed": 7},
-        {"op": "hang_save", "url": killed, "seed": 8, "big_rows": 2 * RANK_BIG_ROWS},
+        {"op": "kill_save", "url": killed, "seed": 8, "big_rows": 2 * RANK_BIG_ROWS},
     ]
     results = run_ranks(s3_server, 2, plan, tmp_path_factory.mktemp("ranks2"), victim=1)
     return {"results": results, "base": base, "two": two, "killed": killed}
@@ -455,4 +467,4 @@ def test_catalog_groups_shard_subprefixes(saved_by_4: dict[str, Any], t: S3Trans
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _rank_main(sys.argv[1], sys.argv[2])
+    _launch(json.loads(sys.argv[1]))

@@ -215,8 +215,8 @@ class LogEntry:
         path: the request target (path and query).
         action: the injected fault's action, or ``None`` if the request was not touched.
         status: the response status: the server's (even if the client never saw it, after ``reset``,
-            ``truncate`` or ``drop_response``) or the injected one; ``None`` if there was none (the request
-            was reset before reaching the server, or the server could not be reached).
+            ``truncate`` or ``drop_response``), the injected one, or 502 if the server could not be reached;
+            ``None`` while it is unknown, and for good if the request was reset before reaching the server.
     """
 
     time: float

@@ -7,18 +7,24 @@ access denied, corruption, refused deletion), exit 2 for usage errors, never a t
 from __future__ import annotations
 
 import collections
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import crc32c
 import pytest
 import torch
 
 import s3ckpt
 from s3ckpt.cli import main
+from s3ckpt.cli.output import Output
 from s3ckpt.layout import manifest_key, read_manifest
 from s3ckpt.server import LocalS3Server
 from s3ckpt.transport import S3Transport, ops
@@ -46,7 +52,7 @@ def _small(step: int) -> dict[str, object]:
     return {"w": torch.full((4,), float(step)), "epoch": step // 20, "global_step": step}
 
 
-def _json_lines(out: str) -> list[dict[str, object]]:
+def _json_lines(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -80,6 +86,11 @@ def test_ls_table_json_and_resume_mark(cli: Run, transport: S3Transport, bucket:
     assert records["last.ckpt"]["resume"] is True and records["last.ckpt"]["step"] == 20
     assert records["epoch=0-step=10.ckpt"]["epoch"] == 0 and records["m-step=40.ckpt"]["committed"] is False
     assert sum(bool(r["resume"]) for r in records.values()) == 1
+
+    code, out, err = cli("--no-verify-ssl", "ls", url)
+    assert code == 0 and "last.ckpt" in out and "s3ckpt: warning: TLS certificate verification is OFF" in err
+    code, out, err = cli("-q", "ls", url)
+    assert code == 0 and "last.ckpt" in out and not err
 
 
 def _pwned(path: str) -> None:  # pragma: no cover - must never run
@@ -119,7 +130,7 @@ def test_inspect_reads_only_the_pickle(
     assert rec["step"] == 700 and rec["epoch"] == 7
     assert isinstance(rec["bytes_fetched"], int) and rec["bytes_fetched"] < size / 100, rec["bytes_fetched"]
     assert not (tmp_path / "pwned").exists(), "inspect must never run code from the pickle"
-    assert any(name.endswith("_pwned") for name in rec["not_loaded"])  # type: ignore[union-attr]
+    assert any(name.endswith("_pwned") for name in rec["not_loaded"])
 
     code, out, _ = cli("inspect", f"s3://{bucket}/big.ckpt")
     assert code == 0 and "fetched" in out and "float32 x5" in out and "state_dict" in out
@@ -127,6 +138,46 @@ def test_inspect_reads_only_the_pickle(
     s3_server.client().put_object(Bucket=bucket, Key="notes.ckpt", Body=b"not a zip")
     code, _, err = cli("inspect", f"s3://{bucket}/notes.ckpt")
     assert code == 1 and "not a zip-format torch.save" in err
+
+
+def test_sharded_inspect_verify_and_copy(
+    cli: Run, transport: S3Transport, bucket: str, s3_server: LocalS3Server, tmp_path: Path
+) -> None:
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is not initialised": a single-process save
+        dcp_save({"w": torch.ones(64, 64), "b": torch.zeros(8, dtype=torch.bfloat16)}, checkpoint_id=tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # The DCP writer's sidecar; its name is what layout.manifest_key(".metadata") would be, in another format.
+    sidecar = {
+        "format": "s3ckpt-dcp/1",
+        "metadata": {"size": len(files[".metadata"]), "crc32c": crc32c.crc32c(files[".metadata"])},
+        "files": {
+            n: {"size": len(b), "crc32c": crc32c.crc32c(b), "etag": "-"} for n, b in files.items() if n != ".metadata"
+        },
+        "items": {},
+    }
+    files[".metadata.s3ckpt.json"] = json.dumps(sidecar).encode()
+    raw = s3_server.client()  # boto's own checksum (CRC32): the store keeps no CRC32C for these objects
+    for name in sorted(files, key=lambda n: n == ".metadata"):
+        raw.put_object(Bucket=bucket, Key=f"run/dcp-step=9/{name}", Body=files[name])
+    url = f"s3://{bucket}/run/dcp-step=9"
+
+    code, out, err = cli("--json", "inspect", url)
+    (rec,) = _json_lines(out)
+    assert code == 0 and rec["kind"] == "sharded", err
+    assert rec["tensors"] == 2 and rec["dtypes"] == {"float32": 1, "bfloat16": 1}
+    assert rec["tensor_bytes"] == 64 * 64 * 4 + 8 * 2 and ".metadata" in rec["files"]
+
+    code, out, err = cli("verify", url)
+    assert code == 0 and out.count("(from DCP manifest)") == 2, err
+    code, out, err = cli("cp", "-r", url, f"s3://{bucket}/copy/dcp-step=9/")
+    assert code == 0, err
+    assert out.splitlines()[-1].split()[1].endswith("/.metadata"), "the commit record is copied last"
+    code, out, err = cli("verify", f"s3://{bucket}/copy/dcp-step=9/")
+    assert code == 0 and out.count("OK") == 2, err
+    assert _keys(transport, bucket, "copy/") == {f"copy/dcp-step=9/{n}" for n in files}
 
 
 def test_verify_ok_and_corrupted(cli: Run, transport: S3Transport, bucket: str, s3_server: LocalS3Server) -> None:
@@ -222,6 +273,9 @@ def test_rm_and_prune_confirm_dry_run_and_delete(
 
     code, _, err = cli("rm", "-y", f"s3://{bucket}")
     assert code == 2 and "whole bucket" in err
+    code, _, err = cli("rm", "-y", url + "mp_rank_00/m-step=40.ckpt")
+    assert code == 1 and f"rm {url}m-step=40.ckpt" in err
+    assert "run/mp_rank_00/m-step=40.ckpt" in _keys(transport, bucket)
 
 
 def test_gc_stale_uploads_and_leftovers(cli: Run, transport: S3Transport, bucket: str) -> None:
@@ -250,7 +304,12 @@ def test_gc_stale_uploads_and_leftovers(cli: Run, transport: S3Transport, bucket
 
 
 def test_error_paths(
-    cli: Run, bucket: str, s3_server: LocalS3Server, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    cli: Run,
+    bucket: str,
+    s3_server: LocalS3Server,
+    s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, out, err = cli("ls", "s3://no-such-bucket-cli/run/")
     assert code == 1 and err.startswith("s3ckpt: error:") and "no-such-bucket-cli" in err and "does not exist" in err
@@ -265,6 +324,11 @@ def test_error_paths(
     code, _, err = cli("cp", "a", "b")
     assert code == 2 and "s3://" in err
 
+    handlers = list(logging.getLogger("s3ckpt").handlers)
+    code = main(["-v", "--endpoint-url", s3_server.endpoint_url, "ls", "s3://no-such-bucket-cli/"])
+    assert code == 1 and "Traceback" in capsys.readouterr().err, "-v shows the traceback"
+    assert logging.getLogger("s3ckpt").handlers == handlers, "logging is restored after main()"
+
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123")
     code, out, err = cli("ls", f"s3://{bucket}/")
     assert code == 1 and "access denied" in err and "SignatureDoesNotMatch" in err
@@ -278,6 +342,23 @@ def test_server_passthrough_and_help(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(cmd in out for cmd in ("ls", "inspect", "verify", "cp", "rm", "prune", "gc", "server", "demo"))
+
+
+def test_progress_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class _Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", _Tty())
+    with Output().progress(100, "x") as bar:
+        assert callable(bar)
+        bar(100)
+    for quiet in (Output(json=True), Output(quiet=True)):
+        with quiet.progress(100, "x") as bar:
+            assert bar is None
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with Output().progress(100, "x") as bar:
+        assert bar is None
 
 
 def test_console_script_subprocess(s3_server: LocalS3Server, transport: S3Transport, bucket: str) -> None:

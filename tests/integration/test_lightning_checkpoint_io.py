@@ -359,3 +359,22 @@ def test_import_without_lightning() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_fs_open_write_aborts_on_exception(s3_server: LocalS3Server, bucket: str) -> None:
+    """An exception inside ``with fs.open(..., "wb")`` must not publish the partial bytes."""
+    from s3ckpt.lightning import S3FileSystem
+    from s3ckpt.transport import S3Transport
+    from s3ckpt.transport import ops as s3ops
+    from tests.conftest import client_config_for
+
+    t = S3Transport.create(client=client_config_for(s3_server))
+    fs = S3FileSystem(t)
+    url = f"s3://{bucket}/fs-abort.bin"
+    with fs.open(url, "wb") as f:
+        f.write(b"good")
+    with pytest.raises(RuntimeError, match="boom"), fs.open(url, "wb") as f:
+        f.write(b"partial")
+        raise RuntimeError("boom")
+    assert s3ops.get_bytes(t, bucket, "fs-abort.bin") == b"good"
+    assert s3ops.list_uploads(t, bucket) == []

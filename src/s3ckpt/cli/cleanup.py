@@ -17,7 +17,7 @@ from ..transport import ops
 from ..transport.ops import PendingUpload
 from .context import CommandError, Context, UsageError, age_cutoff, format_duration, s3_url
 from .output import PROG, format_time, human_size
-from .targets import entry_keys, find_target, resume_pick
+from .targets import entry_keys, find_target, list_described, resume_pick
 
 __all__ = ["cmd_gc", "cmd_prune", "cmd_rm"]
 
@@ -132,7 +132,7 @@ def cmd_prune(ctx: Context, args: argparse.Namespace) -> int:
     bucket, key = s3_url(args.url)
     url = build_s3_url(bucket, key if not key or key.endswith("/") else key + "/")
     t = ctx.transport
-    entries = list_checkpoints(t, url, with_manifests=True)
+    entries = list_described(t, url)
     picked = resume_pick(t, url, entries)
     plan = _Plan("prune", bucket)
     committed = [e for e in entries if e.committed]  # newest (step, then time) first

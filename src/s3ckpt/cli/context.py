@@ -93,9 +93,9 @@ class Context:
                 overrides["verify"] = False
             try:
                 client = ClientConfig.from_env(**overrides)
-                self._transport = S3Transport.create(
-                    client=client, retry=RetryConfig.from_env(), transfer=TransferConfig.from_env()
-                )
+                attempts = getattr(self.args, "max_attempts", None)
+                retry = RetryConfig.from_env(**({"max_attempts": attempts} if attempts else {}))
+                self._transport = S3Transport.create(client=client, retry=retry, transfer=TransferConfig.from_env())
             except ConfigError as exc:
                 raise UsageError(str(exc)) from None
         return self._transport

@@ -41,8 +41,11 @@ def _base(name: str) -> str:
 
 
 def _wants_manifest(rel: str) -> bool:
-    """Data objects get a fresh s3ckpt manifest; DCP members do not (``.metadata``'s manifest name is the
-    DCP sidecar's own name, ``.metadata.s3ckpt.json``, which is copied as it is)."""
+    """Whether an object has (as a source) or gets (as a destination) an s3ckpt per-object manifest.
+
+    Data objects do; DCP members, manifests and markers do not: ``.metadata``'s manifest name is the DCP
+    sidecar's own name, ``.metadata.s3ckpt.json``, which is copied as it is.
+    """
     base = _base(rel)
     return not (
         base == ".metadata" or base.endswith((".distcp", MANIFEST_SUFFIX, GROUP_MARKER_SUFFIX, ".metadata.tmp"))
@@ -159,14 +162,28 @@ def _copy_one(
         info = ops.head(t, info.bucket, info.key)  # a listing omits the checksum and metadata a copy needs
     if info is not None and not is_s3_url(dest):
         src = info
-        how, seconds = timed(lambda: download_to_file(t, src, Path(dest), verify=not args.no_verify, progress=progress))
+        how, seconds = timed(
+            lambda: download_to_file(
+                t, src, Path(dest), verify=not args.no_verify, has_manifest=_wants_manifest(src.key), progress=progress
+            )
+        )
         return f"download, {how}", seconds
     bucket, key = s3_url(dest, require_key=True, what="destination")
     manifest = _wants_manifest(dest) and not args.no_manifest
 
     def copy() -> str:
         if info is not None:
-            return copy_s3_to_s3(t, info, bucket, key, manifest=manifest, stream=args.stream, progress=progress)[1]
+            _, how = copy_s3_to_s3(
+                t,
+                info,
+                bucket,
+                key,
+                manifest=manifest,
+                has_manifest=_wants_manifest(info.key),
+                stream=args.stream,
+                progress=progress,
+            )
+            return how
         assert source.path is not None
         upload_file(t, source.path, bucket, key, manifest=manifest, progress=progress)
         return "upload"

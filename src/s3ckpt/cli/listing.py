@@ -15,7 +15,7 @@ from ..transport import ops
 from ..transport.download import download_into
 from .context import CommandError, Context, s3_url
 from .output import format_table, format_time, human_size
-from .targets import Target, find_target, resume_pick
+from .targets import Target, find_target, list_described, resume_pick
 
 __all__ = ["cmd_ls", "cmd_verify"]
 
@@ -46,7 +46,7 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
     prefix = key if not key or key.endswith("/") else key + "/"
     url = build_s3_url(bucket, prefix)
     t = ctx.transport
-    entries = list_checkpoints(t, url, with_manifests=True)
+    entries = list_described(t, url)
     picked = resume_pick(t, url, entries) if entries else None
     if ctx.out.json:
         for e in entries:

@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import S3AccessDeniedError, S3CheckpointError
+from .cleanup import cmd_gc, cmd_prune, cmd_rm
 from .context import CommandError, Context, UsageError, parse_duration
+from .cp_cmd import cmd_cp
+from .inspect_cmd import cmd_inspect
+from .listing import cmd_ls, cmd_verify
 from .output import PROG, Output, StderrHandler
 
 __all__ = ["build_parser", "main"]
@@ -28,7 +32,7 @@ Command = Callable[[Context, argparse.Namespace], int]
 # Commands whose arguments belong to another program (the server, the demo, the benchmarks): everything
 # after the command name is handed over untouched.
 _PASSTHROUGH = ("server", "demo", "bench")
-_VALUE_OPTIONS = ("--endpoint-url", "--region", "--profile")
+_VALUE_OPTIONS = ("--endpoint-url", "--region", "--profile", "--max-attempts")
 _DAY = timedelta(days=1)
 
 
@@ -48,11 +52,25 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     g.add_argument("--region", default=default(None), help="region (default: AWS_REGION / AWS_DEFAULT_REGION)")
     g.add_argument("--profile", default=default(None), help="named profile from ~/.aws/config (default: AWS_PROFILE)")
     g.add_argument(
+        "--max-attempts",
+        type=_positive,
+        metavar="N",
+        default=default(None),
+        help="attempts per request before giving up (default: S3CKPT_MAX_ATTEMPTS or 10)",
+    )
+    g.add_argument(
         "--no-verify-ssl", action="store_true", default=default(False), help="do not verify TLS certificates (unsafe)"
     )
     g.add_argument("--json", action="store_true", default=default(False), help="print one JSON object per line")
     g.add_argument("-q", "--quiet", action="store_true", default=default(False), help="print only errors")
     g.add_argument("-v", "--verbose", action="count", default=default(0), help="more logging (-vv: debug)")
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
 
 
 def _non_negative(text: str) -> int:
@@ -179,22 +197,15 @@ def _run_passthrough(command: str, rest: list[str]) -> int:
     return int(entry.main(rest) or 0)
 
 
-def _commands() -> dict[str, Command]:
-    # Imported here, not at the top: `s3ckpt --help` and usage errors stay fast (no torch import).
-    from .cleanup import cmd_gc, cmd_prune, cmd_rm
-    from .cp_cmd import cmd_cp
-    from .inspect_cmd import cmd_inspect
-    from .listing import cmd_ls, cmd_verify
-
-    return {
-        "ls": cmd_ls,
-        "inspect": cmd_inspect,
-        "verify": cmd_verify,
-        "cp": cmd_cp,
-        "rm": cmd_rm,
-        "prune": cmd_prune,
-        "gc": cmd_gc,
-    }
+_COMMANDS: dict[str, Command] = {
+    "ls": cmd_ls,
+    "inspect": cmd_inspect,
+    "verify": cmd_verify,
+    "cp": cmd_cp,
+    "rm": cmd_rm,
+    "prune": cmd_prune,
+    "gc": cmd_gc,
+}
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -226,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if split is not None:
             return _run_passthrough(args.command, split[1])
-        return _commands()[args.command](Context(args, out), args)
+        return _COMMANDS[args.command](Context(args, out), args)
     except SystemExit as exc:
         return _exit_code(exc)
     except UsageError as exc:
@@ -236,8 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.error("interrupted")
         return 130
     except BrokenPipeError:  # `s3ckpt ls ... | head`: the reader left; not an error worth a message
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            # Python flushes stdout again at exit; pointing it at /dev/null keeps that from failing too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 1
     except Exception as exc:
         if args.verbose:

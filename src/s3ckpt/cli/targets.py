@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..catalog import GROUP_MARKER_SUFFIX, CheckpointEntry, list_checkpoints
-from ..errors import CheckpointNotFoundError, S3CheckpointError, S3NotFoundError
+from ..errors import CheckpointCorruptedError, CheckpointNotFoundError, S3CheckpointError, S3NotFoundError
 from ..layout import manifest_key
 from ..s3_dirpath_utils import build_s3_url
 from ..transport import ops
@@ -20,7 +20,7 @@ from ..transport.context import S3Transport
 from ..transport.ops import ObjectInfo
 from .context import s3_url
 
-__all__ = ["Target", "entry_keys", "find_target", "resume_pick"]
+__all__ = ["Target", "entry_keys", "find_target", "list_described", "resume_pick"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,16 @@ def find_target(t: S3Transport, url: str) -> Target | None:
         if entry.url.rstrip("/") == wanted:
             return Target(entry.url, bucket, key, entry=entry)
     return None
+
+
+def list_described(t: S3Transport, url: str) -> list[CheckpointEntry]:
+    """``list_checkpoints`` with manifests (step and epoch), or without them if one cannot be read: a single
+    damaged manifest must not hide every checkpoint (``verify`` names it)."""
+    try:
+        return list_checkpoints(t, url, with_manifests=True)
+    except CheckpointCorruptedError as exc:
+        log.warning("%s; listing without manifests", exc)
+        return list_checkpoints(t, url)
 
 
 def entry_keys(t: S3Transport, bucket: str, entry: CheckpointEntry) -> list[str]:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import mmap
 import os
@@ -35,7 +36,16 @@ from ..transport.upload import NONCE_META, MultipartWriter, UploadResult
 from .safe_pickle import safe_load
 from .zipread import RangeReader
 
-__all__ = ["Progress", "copy_s3_to_s3", "download_to_file", "drop_stale_manifest", "local_meta", "timed", "upload_file"]
+__all__ = [
+    "Progress",
+    "copy_s3_to_s3",
+    "download_to_file",
+    "drop_stale_manifest",
+    "local_meta",
+    "recorded_crc32c",
+    "timed",
+    "upload_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +92,30 @@ def drop_stale_manifest(t: S3Transport, bucket: str, key: str) -> None:
     delete_object(t, bucket, manifest_key(key))
 
 
-def download_to_file(t: S3Transport, info: ObjectInfo, dest: Path, *, verify: bool, progress: Progress) -> str:
+def recorded_crc32c(t: S3Transport, info: ObjectInfo, *, has_manifest: bool) -> tuple[int | None, str]:
+    """The CRC32C recorded for ``info`` and where it came from, as :func:`expected_crc32c`; with
+    ``has_manifest=False`` only the store's own checksum counts. A DCP ``.metadata``'s manifest name is taken
+    by the DCP sidecar (``.metadata.s3ckpt.json``, another format), which must not be read as its manifest.
+    """
+    if has_manifest:
+        return expected_crc32c(t, info)
+    if info.checksum_crc32c:
+        return int.from_bytes(base64.b64decode(info.checksum_crc32c), "big"), "object"
+    return None, "no checksum stored with the object"
+
+
+def download_to_file(
+    t: S3Transport, info: ObjectInfo, dest: Path, *, verify: bool, has_manifest: bool, progress: Progress
+) -> str:
     """Download into ``dest`` via a temporary file renamed into place; returns how it was verified.
 
     Raises:
         CheckpointCorruptedError: the bytes do not match the recorded CRC32C (``dest`` is left untouched).
     """
-    expected, source = expected_crc32c(t, info) if verify else (None, "not verified (--no-verify)")
+    if verify:
+        expected, source = recorded_crc32c(t, info, has_manifest=has_manifest)
+    else:
+        expected, source = None, "not verified (--no-verify)"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.s3ckpt-partial-{os.getpid()}")
     try:
@@ -175,6 +202,7 @@ def copy_s3_to_s3(
     key: str,
     *,
     manifest: bool,
+    has_manifest: bool,
     stream: bool,
     progress: Progress,
 ) -> tuple[UploadResult, str]:
@@ -185,7 +213,7 @@ def copy_s3_to_s3(
             bytes go through this machine; a server-side copy keeps the recorded CRC32C, so ``verify``
             reports the copy as corrupted too).
     """
-    expected, _ = expected_crc32c(t, src)
+    expected, _ = recorded_crc32c(t, src, has_manifest=has_manifest)
     if expected is not None and src.size < MAX_PART_SIZE and not stream:
         result, method = _server_side_copy(t, src, bucket, key, expected), "server-side"
         if progress is not None:
@@ -193,7 +221,7 @@ def copy_s3_to_s3(
     else:
         result, method = _streamed_copy(t, src, bucket, key, expected, progress), "stream"
     if manifest:
-        write_manifest(t, result, _source_meta(t, src))
+        write_manifest(t, result, _source_meta(t, src) if has_manifest else {})
     return result, method
 
 

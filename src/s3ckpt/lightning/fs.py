@@ -264,5 +264,25 @@ class S3FileSystem(AbstractFileSystem):  # type: ignore[misc]
             return io.BytesIO(ops.get_bytes(self.transport, bucket, key))
         if mode in ("wb", "xb"):
             writer = MultipartWriter(self.transport, bucket, key, if_none_match=mode == "xb")
-            return io.BufferedWriter(writer)
+            return _AbortOnErrorWriter(writer)
         raise ValueError(f"S3FileSystem.open: mode {mode!r} is not supported; use 'rb', 'wb' or 'xb' (or text)")
+
+
+class _AbortOnErrorWriter(io.BufferedWriter):
+    """A buffered S3 writer whose ``with`` block aborts the upload on an exception.
+
+    A plain ``BufferedWriter`` closes (and so completes the upload of) whatever was written when the block
+    raises, which would replace a good object with a truncated one.
+    """
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        raw = self.raw
+        assert isinstance(raw, MultipartWriter)
+        raw.abort()
+        try:
+            self.close()  # flushes into the aborted writer, which refuses; the upload stays aborted
+        except Exception:
+            pass
