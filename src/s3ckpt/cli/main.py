@@ -18,11 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import S3AccessDeniedError, S3CheckpointError
-from .cleanup import cmd_gc, cmd_prune, cmd_rm
 from .context import CommandError, Context, UsageError, parse_duration
-from .cp_cmd import cmd_cp
-from .inspect_cmd import cmd_inspect
-from .listing import cmd_ls, cmd_verify
 from .output import PROG, Output, StderrHandler
 
 __all__ = ["build_parser", "main"]
@@ -197,15 +193,23 @@ def _run_passthrough(command: str, rest: list[str]) -> int:
     return int(entry.main(rest) or 0)
 
 
-_COMMANDS: dict[str, Command] = {
-    "ls": cmd_ls,
-    "inspect": cmd_inspect,
-    "verify": cmd_verify,
-    "cp": cmd_cp,
-    "rm": cmd_rm,
-    "prune": cmd_prune,
-    "gc": cmd_gc,
-}
+def _commands() -> dict[str, Command]:
+    # Imported on use: the commands load torch (inspect, verify), which `--help`, usage errors and the
+    # server passthrough never need.
+    from .cleanup import cmd_gc, cmd_prune, cmd_rm
+    from .cp_cmd import cmd_cp
+    from .inspect_cmd import cmd_inspect
+    from .listing import cmd_ls, cmd_verify
+
+    return {
+        "ls": cmd_ls,
+        "inspect": cmd_inspect,
+        "verify": cmd_verify,
+        "cp": cmd_cp,
+        "rm": cmd_rm,
+        "prune": cmd_prune,
+        "gc": cmd_gc,
+    }
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -237,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if split is not None:
             return _run_passthrough(args.command, split[1])
-        return _COMMANDS[args.command](Context(args, out), args)
+        return _commands()[args.command](Context(args, out), args)
     except SystemExit as exc:
         return _exit_code(exc)
     except UsageError as exc:

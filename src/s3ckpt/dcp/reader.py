@@ -8,10 +8,8 @@ import os
 import threading
 import uuid
 from collections import deque
-from collections.abc import Iterable
 from concurrent.futures import Future as CFuture
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c as _crc32c
@@ -35,49 +33,12 @@ from ..transport import ops
 from ..transport.context import S3Transport
 from ..transport.download import ObjectChangedError, _fetch_range, plan_ranges
 from ..transport.ops import ObjectInfo
-from .layout import MANIFEST_NAME, METADATA_NAME, Manifest, loads_metadata, split_url
+from .layout import MANIFEST_NAME, METADATA_NAME, FileRecord, Manifest, loads_metadata, split_url
+from .spans import Span, plan_spans
 
-__all__ = ["S3StorageReader", "Span", "plan_spans"]
+__all__ = ["S3StorageReader"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Span:
-    """One contiguous byte range of a file, fetched as a unit, covering one or more items."""
-
-    path: str
-    start: int
-    end: int
-    items: list[_StorageInfo] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-
-def plan_spans(infos: Iterable[_StorageInfo], *, gap: int, max_span: int) -> list[Span]:
-    """Group item ranges into spans: per file, by offset, merging neighbours at most ``gap`` bytes apart.
-
-    Fetching a small gap costs less than a request (S3 charges and throttles per request, and each GET
-    has a first-byte latency of tens of milliseconds), so nearby items share one ranged GET. A span grows
-    to at most ``max_span`` bytes unless one item alone is larger; it is fetched in parallel ranges anyway.
-    """
-    by_file: dict[str, dict[int, _StorageInfo]] = {}
-    for info in infos:
-        by_file.setdefault(info.relative_path, {})[info.offset] = info
-    spans: list[Span] = []
-    for path in sorted(by_file):
-        current: Span | None = None
-        for info in sorted(by_file[path].values(), key=lambda i: i.offset):
-            end = info.offset + info.length
-            if current is not None and info.offset - current.end <= gap and end - current.start <= max_span:
-                current.end = max(current.end, end)
-                current.items.append(info)
-                continue
-            current = Span(path, info.offset, end, [info])
-            spans.append(current)
-    return spans
 
 
 def _narrow(tensor: torch.Tensor, offsets: torch.Size, lengths: torch.Size) -> torch.Tensor:
@@ -322,14 +283,50 @@ class S3StorageReader(StorageReader):
     def _fetch(self, path: str, out: memoryview, start: int, end: int) -> None:
         info = self._object(path)
         try:
-            _fetch_range(self.transport, info, out, start, end)
+            try:
+                _fetch_range(self.transport, info, out, start, end)
+            except ObjectChangedError:
+                if self.manifest is None:
+                    raise
+                _fetch_range(self.transport, self._repin(path, info, self.manifest.files[path]), out, start, end)
         except ObjectChangedError as exc:
-            raise CheckpointCorruptedError(
-                f"{self.url}{path} is not the file this checkpoint committed (its ETag is no longer {info.etag}): "
-                "it was modified or replaced after the save"
-            ) from exc
+            raise ObjectChangedError(f"{self.url}{path} changed while it was being loaded; load again") from exc
         except S3NotFoundError as exc:
             raise CheckpointCorruptedError(f"{self.url}{path} is missing: the checkpoint is incomplete") from exc
+
+    def _repin(self, path: str, stale: ObjectInfo, record: FileRecord) -> ObjectInfo:
+        """The file's ETag is not the one the commit recorded. A copy of the checkpoint (``s3ckpt cp``, another
+        bucket) has new ETags for the same bytes, so this alone is no proof of damage: accept the object if
+        its size, and its full-object CRC32C where the store keeps one, match the manifest. Every item is
+        still checked against its own CRC32C before use."""
+        with self._lock:
+            current = self._objects.get(path)
+            if current is not None and current.etag != stale.etag:
+                return current  # another range of this file already re-pinned it
+        where = f"{self.url}{path}"
+        try:
+            info = ops.head(self.transport, self.bucket, self.prefix + path)
+        except S3NotFoundError as exc:
+            raise CheckpointCorruptedError(f"{where} is missing: the checkpoint is incomplete") from exc
+        if info.size != record.size:
+            raise CheckpointCorruptedError(
+                f"{where} has {info.size} bytes, the checkpoint committed {record.size}: it was modified or replaced "
+                "after the save"
+            )
+        if info.checksum_crc32c is not None and info.checksum_crc32c != ops.crc32c_b64(record.crc32c):
+            raise CheckpointCorruptedError(
+                f"{where} is corrupted: its CRC32C is {info.checksum_crc32c}, {ops.crc32c_b64(record.crc32c)} was "
+                "recorded when it was written (modified or replaced after the save)"
+            )
+        log.info(
+            "%s: ETag %s differs from the committed %s (a copy?); its items are verified by CRC32C",
+            where,
+            info.etag,
+            record.etag,
+        )
+        with self._lock:
+            self._objects[path] = info
+        return info
 
     def _load_span(
         self, span: Span, buf: bytearray, requests: dict[tuple[str, int], list[ReadItem]], planner: LoadPlanner

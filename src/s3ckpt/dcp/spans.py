@@ -1,0 +1,48 @@
+"""Which byte ranges a rank fetches: the items it needs, merged into spans when they lie close together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+__all__ = ["Span", "plan_spans"]
+
+
+@dataclass
+class Span:
+    """One contiguous byte range of a file, fetched as a unit, covering one or more items."""
+
+    path: str
+    start: int
+    end: int
+    items: list[_StorageInfo] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def plan_spans(infos: Iterable[_StorageInfo], *, gap: int, max_span: int) -> list[Span]:
+    """Group item ranges into spans: per file, by offset, merging neighbours at most ``gap`` bytes apart.
+
+    Fetching a small gap costs less than a request (S3 charges and throttles per request, and each GET
+    has a first-byte latency of tens of milliseconds), so nearby items share one ranged GET. A span grows
+    to at most ``max_span`` bytes unless one item alone is larger; it is fetched in parallel ranges anyway.
+    """
+    by_file: dict[str, dict[int, _StorageInfo]] = {}
+    for info in infos:
+        by_file.setdefault(info.relative_path, {})[info.offset] = info
+    spans: list[Span] = []
+    for path in sorted(by_file):
+        current: Span | None = None
+        for info in sorted(by_file[path].values(), key=lambda i: i.offset):
+            end = info.offset + info.length
+            if current is not None and info.offset - current.end <= gap and end - current.start <= max_span:
+                current.end = max(current.end, end)
+                current.items.append(info)
+                continue
+            current = Span(path, info.offset, end, [info])
+            spans.append(current)
+    return spans
