@@ -17,12 +17,14 @@ extra request; manifests can be fetched for details with ``with_manifests=True``
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal
 
+from .errors import CheckpointCorruptedError
 from .layout import MANIFEST_SUFFIX, Manifest, read_manifest
 from .s3_dirpath_utils import build_s3_url, parse_s3_url
 from .transport import ops
@@ -41,6 +43,7 @@ __all__ = [
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 GROUP_MARKER_SUFFIX = ".s3ckpt-group.json"
 DCP_METADATA = ".metadata"
+log = logging.getLogger(__name__)
 _MP_DIR_RE = re.compile(r"(^|/)(mp_rank_\d+|tp_rank_\d+_pp_rank_\d+)/")
 _STEP_RE = re.compile(r"(?:^|[-_/])step=?(\d+)")
 _EPOCH_RE = re.compile(r"(?:^|[-_/])epoch=?(\d+)")
@@ -183,6 +186,16 @@ def list_checkpoints(
         entries = [e for e in entries if e.committed]
     entries.sort(key=_order_key, reverse=True)
     return entries
+
+
+def _manifest_or_none(t: S3Transport, bucket: str, key: str) -> Manifest | None:
+    # One unreadable manifest must not hide every other checkpoint from a listing; the load of that
+    # checkpoint reports it.
+    try:
+        return read_manifest(t, bucket, key)
+    except CheckpointCorruptedError as exc:
+        log.warning("ignoring the manifest of s3://%s/%s: %s", bucket, key, exc)
+        return None
 
 
 def _fill_from_manifest(entry: CheckpointEntry) -> CheckpointEntry:

@@ -52,8 +52,9 @@ class S3StorageReader(StorageReader):
     """Load a ``torch.distributed.checkpoint`` from ``s3://bucket/prefix``, with any world size.
 
     Only a committed checkpoint is loaded (``.metadata`` present). Each rank fetches only the items its
-    load plan needs, with nearby items coalesced into one ranged GET; every GET is pinned to the ETag the
-    commit recorded (``If-Match``), and every item is checked against the CRC32C recorded when it was
+    load plan needs, with nearby items coalesced into one ranged GET; every GET is pinned with ``If-Match``
+    to the ETag the commit recorded (or, for a copy whose ETags differ, to the current one once its size and
+    stored CRC32C match the manifest), and every item is checked against the CRC32C recorded when it was
     written, before it is deserialized.
 
     Memory: the spans in flight, at most ``max_read_concurrency * read_chunk_size`` bytes (or one span if

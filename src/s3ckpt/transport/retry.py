@@ -162,7 +162,7 @@ def translate_error(exc: BaseException, op: str, bucket: str, key: str | None, e
         return ConflictError(f"{op} {where}: another writer changed this key at the same time ({code or status})")
     if isinstance(exc, bce.EndpointConnectionError):
         return S3TransferError(
-            f"{op} {where}: cannot connect to {endpoint}. Check AWS_ENDPOINT_URL / --endpoint and that the "
+            f"{op} {where}: cannot connect to {endpoint}. Check AWS_ENDPOINT_URL / --endpoint-url and that the "
             "server is running"
         )
     detail = code or type(exc).__name__
