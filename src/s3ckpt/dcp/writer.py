@@ -92,8 +92,9 @@ class S3StorageWriter(StorageWriter):
     after HEAD confirms every rank's files (see :mod:`s3ckpt.dcp.commit`): a save that fails or is killed
     leaves no ``.metadata`` and is never loaded.
 
-    Usable with ``dcp.save``, ``dcp.async_save`` and ``dcp.state_dict_saver``; needs
-    ``use_collectives=True`` (the default).
+    Usable with ``dcp.save`` and ``dcp.async_save``; needs ``use_collectives=True`` (the default). DCP
+    does not pick it from an ``s3://`` ``checkpoint_id`` by itself: pass ``storage_writer=``, or use
+    :func:`s3ckpt.dcp.save`.
 
     Args:
         url: the checkpoint, ``s3://bucket/prefix`` (a prefix of its own). May be left out if
@@ -103,7 +104,8 @@ class S3StorageWriter(StorageWriter):
         max_write_concurrency: parts in flight per file (overrides the transport's).
         prefix_strategy: where rank files go; :class:`NumericPrefixStrategy` spreads them over sub-prefixes.
             Default: all under the checkpoint prefix.
-        files_per_rank: files each rank writes in parallel (each its own upload and part buffers).
+        files_per_rank: files each rank writes in parallel, each its own upload, so memory and parts in
+            flight are multiplied by it.
         overwrite: replace a committed checkpoint at ``url``. Off by default: saving onto a committed
             checkpoint raises :class:`ConflictError` before any byte is written. When on, the old
             ``.metadata`` is deleted before any rank writes, so an interrupted overwrite leaves an
