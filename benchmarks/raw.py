@@ -3,7 +3,8 @@
 boto3's low-level client with the cheapest settings botocore has: no SHA-256 of the payload (plain http would
 otherwise sign every body), no CRC request checksums, no response validation. The PUT sends the same 16 MiB
 random block as every part (no per-part copy or generation); the GET writes every range straight into one
-preallocated buffer with ``readinto``.
+preallocated buffer with ``readinto``, 1 MiB at a time (urllib3's ``readinto`` reads into a temporary
+buffer of the requested size first: one call per 16 MiB range would hold 16 MiB per thread extra).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def ranged_get(client: Any, spec: dict[str, Any]) -> bytearray:
         body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")["Body"]
         got = 0
         while got < end - start:
-            n = body.readinto(view[start + got : end])
+            n = body.readinto(view[start + got : min(end, start + got + MiB)])
             if not n:
                 raise OSError(f"short read at {start + got}")
             got += n

@@ -290,12 +290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench_server.warm_up(server, BUCKET)
             bench = Bench(args, server, peers, workdir)
             stack.callback(bench.close)
+            phases: dict[str, float] = {"setup": time.time() - started}
             compare = None if args.no_server_compare else compare_servers(args, workdir, size, bench)
+            phases["server_compare"] = time.time() - started - sum(phases.values())
             tuned: dict[str, Any] = dict(DEFAULTS)
             sweep_table: list[dict[str, Any]] = []
             if {"s3ckpt-tuned", "s3ckpt-async"} & set(methods):
                 tuned, sweep_table = sweep(bench, args.sweep_size, args.sweep_runs)
                 _log(f"[{bench.elapsed():6.0f}s] best settings: {tuned}")
+            phases["sweep"] = time.time() - started - sum(phases.values())
             settings = {**FIXED_SETTINGS, "s3ckpt-tuned": tuned, "s3ckpt-async": tuned}
             runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for r in range(args.runs):
@@ -306,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if loaded is not None:
                         runs.setdefault((method, "load"), []).append(loaded)
                 bench.clean()
+                phases[f"round_{r + 1}"] = time.time() - started - sum(phases.values())
             server_meta = bench_server.server_info(server, tuned=True)
     except Exception as exc:
         traceback.print_exc()
@@ -326,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "name": args.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "total_s": round(time.time() - started, 1),
+        "phases_s": {k: round(v, 1) for k, v in phases.items()},
         "settings": {
             "requested_size": size,
             "state_bytes": nbytes,
@@ -359,8 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("server flags: " + " ".join(server_meta["command_flags"]))
     if compare:
         print(report.format_compare(compare))
+    phase_text = ", ".join(f"{k} {v:.0f}" for k, v in doc["phases_s"].items())
     print(f"\nwrote {json_path}" + (f"; no PNG: {png_note}" if png_note else f" and {json_path.with_suffix('.png')}"))
-    print(f"total {doc['total_s']:.0f} s; load average {machine['load_avg_at_start']} -> {machine['load_avg_at_end']}")
+    print(
+        f"total {doc['total_s']:.0f} s ({phase_text}); "
+        f"load average {machine['load_avg_at_start']} -> {machine['load_avg_at_end']}"
+    )
     return 0
 
 

@@ -43,6 +43,8 @@ __all__ = [
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 GROUP_MARKER_SUFFIX = ".s3ckpt-group.json"
 DCP_METADATA = ".metadata"
+# s3ckpt.dcp.NumericPrefixStrategy spreads rank files over <checkpoint>/__shard<k>/: they belong to <checkpoint>/.
+_DCP_SHARD_DIR_RE = re.compile(r"(^|/)__shard\d+/$")
 log = logging.getLogger(__name__)
 _MP_DIR_RE = re.compile(r"(^|/)(mp_rank_\d+|tp_rank_\d+_pp_rank_\d+)/")
 _STEP_RE = re.compile(r"(?:^|[-_/])step=?(\d+)")
@@ -123,7 +125,10 @@ def list_checkpoints(
             continue
         base = key.rsplit("/", 1)[-1]
         if base.endswith(".distcp") or base == DCP_METADATA or base == DCP_METADATA + ".tmp":
-            sharded_dirs[key[: len(key) - len(base)]].append(obj)
+            directory = key[: len(key) - len(base)]
+            if base.endswith(".distcp"):
+                directory = _DCP_SHARD_DIR_RE.sub(r"\1", directory)
+            sharded_dirs[directory].append(obj)
             continue
         if not _is_checkpoint_key(key):
             continue

@@ -468,7 +468,6 @@ def test_plan_spans() -> None:
     assert [(s.start, s.end) for s in plan_spans(infos, gap=100, max_span=1000)] == [(0, 150), (0, 10)]
 
 
-@pytest.mark.xfail(strict=True, reason="catalog.py groups *.distcp by parent folder, not __shardN/")
 def test_catalog_groups_shard_subprefixes(saved_by_4: dict[str, Any], t: S3Transport) -> None:
     entries = [e for e in list_checkpoints(t, saved_by_4["urls"]["prefixed"].rsplit("/", 1)[0]) if e.kind == "sharded"]
     prefixed = [e for e in entries if "step-2" in e.url]

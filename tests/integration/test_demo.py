@@ -14,7 +14,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_demo_short_run_passes() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the demo starts its own server
     out = subprocess.run(
-        [sys.executable, "-m", "s3ckpt.cli", "demo", "--steps", "60", "--every", "10", "--kill-after", "2", "--width", "128"],
+        [
+            sys.executable,
+            "-m",
+            "s3ckpt.cli",
+            "demo",
+            "--steps",
+            "60",
+            "--every",
+            "10",
+            "--kill-after",
+            "2",
+            "--width",
+            "128",
+        ],
         capture_output=True,
         text=True,
         timeout=400,

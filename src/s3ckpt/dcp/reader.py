@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..transport import ops
 from ..transport.context import S3Transport
-from ..transport.download import ObjectChangedError, _fetch_range, plan_ranges
+from ..transport.download import ObjectChangedError, fetch_range, plan_ranges
 from ..transport.ops import ObjectInfo
 from .layout import MANIFEST_NAME, METADATA_NAME, FileRecord, Manifest, loads_metadata, split_url
 from .spans import Span, plan_spans
@@ -285,11 +285,11 @@ class S3StorageReader(StorageReader):
         info = self._object(path)
         try:
             try:
-                _fetch_range(self.transport, info, out, start, end)
+                fetch_range(self.transport, info, out, start, end)
             except ObjectChangedError:
                 if self.manifest is None:
                     raise
-                _fetch_range(self.transport, self._repin(path, info, self.manifest.files[path]), out, start, end)
+                fetch_range(self.transport, self._repin(path, info, self.manifest.files[path]), out, start, end)
         except ObjectChangedError as exc:
             raise ObjectChangedError(f"{self.url}{path} changed while it was being loaded; load again") from exc
         except S3NotFoundError as exc:

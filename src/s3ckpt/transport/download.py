@@ -20,7 +20,7 @@ from .context import S3Transport
 from .ops import ObjectInfo
 from .retry import RetryableError
 
-__all__ = ["ObjectChangedError", "download_into", "plan_ranges"]
+__all__ = ["ObjectChangedError", "download_into", "fetch_range", "plan_ranges"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def download_into(
     def fetch(start: int, end: int) -> None:
         if failed.is_set():
             return
-        _fetch_range(t, info, target[start:end], start, end)
+        fetch_range(t, info, target[start:end], start, end)
         if progress is not None:
             progress(end - start)
 
@@ -89,7 +89,13 @@ def download_into(
             fut.result()
 
 
-def _fetch_range(t: S3Transport, info: ObjectInfo, out: memoryview, start: int, end: int) -> None:
+def fetch_range(t: S3Transport, info: ObjectInfo, out: memoryview, start: int, end: int) -> None:
+    """GET bytes ``[start, end)`` of the object, pinned to ``info.etag``, into ``out`` (retried as a whole;
+    a short body is fetched again).
+
+    Raises:
+        ObjectChangedError: the object's ETag no longer matches.
+    """
     bucket, key = info.bucket, info.key
     expected = end - start
 
