@@ -33,6 +33,7 @@ unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(PY) -m benchmarks.run
 
 clean:
