@@ -404,3 +404,23 @@ def test_stats_thread_safe() -> None:
     assert stats.attempts == 16_000
     assert stats.retries == {"SlowDown": 16_000}
     assert stats.total_retries == 16_000
+
+
+def test_cancelled_stops_retrying_at_once() -> None:
+    """A part whose sibling already failed the upload gives up after its current attempt, with no sleep."""
+    sleeps: list[float] = []
+    r = Retrier(RetryConfig(max_attempts=50, base_delay_s=0.1, deadline_s=60), sleep=sleeps.append)
+    calls = 0
+    doomed = threading.Event()
+
+    def op() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            doomed.set()
+        raise client_error("SlowDown", 503)
+
+    with pytest.raises(S3TransferError):
+        r.call(op, op="UploadPart", bucket="b", key="k", cancelled=doomed.is_set)
+    assert calls == 2
+    assert len(sleeps) == 1

@@ -59,6 +59,7 @@ class S3Transport:
         *,
         deadline_s: float | None = None,
         on_retry: Callable[[BaseException], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> T:
         """Run ``fn(client)`` under the retry policy; errors come out translated (see ``retry.py``)."""
         return self.retrier.call(
@@ -68,4 +69,5 @@ class S3Transport:
             key=key,
             deadline_s=deadline_s,
             on_retry=on_retry,
+            cancelled=cancelled,
         )

@@ -68,7 +68,11 @@ def download_into(
     def fetch(start: int, end: int) -> None:
         if failed.is_set():
             return
-        fetch_range(t, info, target[start:end], start, end)
+        try:
+            fetch_range(t, info, target[start:end], start, end, cancelled=failed.is_set)
+        except BaseException:
+            failed.set()  # the other ranges stop retrying: the download has failed already
+            raise
         if progress is not None:
             progress(end - start)
 
@@ -89,7 +93,15 @@ def download_into(
             fut.result()
 
 
-def fetch_range(t: S3Transport, info: ObjectInfo, out: memoryview, start: int, end: int) -> None:
+def fetch_range(
+    t: S3Transport,
+    info: ObjectInfo,
+    out: memoryview,
+    start: int,
+    end: int,
+    *,
+    cancelled: Callable[[], bool] | None = None,
+) -> None:
     """GET bytes ``[start, end)`` of the object, pinned to ``info.etag``, into ``out`` (retried as a whole;
     a short body is fetched again).
 
@@ -116,7 +128,7 @@ def fetch_range(t: S3Transport, info: ObjectInfo, out: memoryview, start: int, e
             raise RetryableError(f"short read of s3://{bucket}/{key} bytes {start}-{end - 1}: {got}/{expected}")
 
     try:
-        t.call("GetObject", bucket, key, get)
+        t.call("GetObject", bucket, key, get, cancelled=cancelled)
     except ConflictError as exc:
         raise ObjectChangedError(
             f"s3://{bucket}/{key} changed while it was being downloaded (ETag {info.etag} no longer matches); "

@@ -232,6 +232,7 @@ class Retrier:
         key: str | None = None,
         deadline_s: float | None = None,
         on_retry: Callable[[BaseException], None] | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> T:
         """Call ``fn`` until it succeeds, fails with a non-retryable error, or the budget is spent.
 
@@ -241,6 +242,8 @@ class Retrier:
             bucket, key: the object, for messages.
             deadline_s: override of ``RetryConfig.deadline_s`` for this call.
             on_retry: called with the error before each retry (e.g. to rewind a buffer).
+            cancelled: checked before each retry; once it returns True the last error is raised at once
+                (a sibling part of the same upload already failed, so retrying this one is wasted time).
 
         Raises:
             S3CheckpointError: the translated final error, with the botocore error as ``__cause__``.
@@ -259,7 +262,8 @@ class Retrier:
                 retryable = is_retryable(exc)
                 delay = self.backoff(attempt) if retryable else 0.0
                 out_of_time = time.monotonic() + delay >= deadline
-                if not retryable or attempt >= cfg.max_attempts or out_of_time:
+                given_up = cancelled is not None and cancelled()
+                if not retryable or attempt >= cfg.max_attempts or out_of_time or given_up:
                     err = translate_error(exc, op, bucket, key, self.endpoint)
                     if retryable and isinstance(err, S3TransferError):
                         err = S3TransferError(

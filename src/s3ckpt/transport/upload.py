@@ -285,7 +285,13 @@ class MultipartWriter(io.RawIOBase):
                 crc = ops.crc32c_b64(_crc32c.crc32c(body))
                 kwargs["ChecksumCRC32C"] = crc
                 entry["ChecksumCRC32C"] = crc
-            resp = self._t.call("UploadPart", self.bucket, self.key, lambda c: c.upload_part(**kwargs))
+            resp = self._t.call(
+                "UploadPart",
+                self.bucket,
+                self.key,
+                lambda c: c.upload_part(**kwargs),
+                cancelled=lambda: self._error is not None,
+            )
             entry["ETag"] = resp["ETag"]
             self._parts[number] = entry
             if self._progress is not None:
