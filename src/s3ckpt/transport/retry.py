@@ -26,7 +26,6 @@ from ..errors import (
     S3NotFoundError,
     S3TransferError,
 )
-from ..s3_dirpath_utils import build_s3_url
 
 __all__ = ["Retrier", "RetryableError", "error_code", "is_retryable", "translate_error"]
 
@@ -131,7 +130,8 @@ def translate_error(exc: BaseException, op: str, bucket: str, key: str | None, e
     """
     if isinstance(exc, S3CheckpointError):
         return exc
-    where = build_s3_url(bucket, key or "") if bucket else "S3"
+    # Plain formatting, not build_s3_url: an error message must never fail on the name it reports.
+    where = f"s3://{bucket}/{key or ''}" if bucket else "S3"
     code = error_code(exc)
     status = _status(exc)
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
