@@ -9,6 +9,7 @@ from two versions of an object.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 from collections.abc import Callable
@@ -114,13 +115,8 @@ def fetch_range(
     def get(c: Any) -> None:
         resp = c.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=info.etag)
         body = resp["Body"]
-        got = 0
         try:
-            while got < expected:
-                n = body.readinto(out[got : min(expected, got + _READ_SLICE)])
-                if not n:
-                    break
-                got += n
+            got = _read_body_into(body, out[:expected])
         finally:
             body.close()
         if got != expected:
@@ -134,3 +130,34 @@ def fetch_range(
             f"s3://{bucket}/{key} changed while it was being downloaded (ETag {info.etag} no longer matches); "
             "another writer replaced it. Load again to get the new version."
         ) from exc
+
+
+def _read_body_into(body: Any, out: memoryview) -> int:
+    """Read a response body into ``out``; returns the byte count (short if the body was truncated).
+
+    urllib3's ``readinto`` is ``read()`` plus a copy: a new bytes object per call and every byte copied
+    twice. For a plain (not chunked, not encoded) body we read from the underlying ``http.client`` response,
+    whose ``readinto`` receives straight into ``out``, and hand the connection back to the pool ourselves
+    once every byte has arrived. Anything unusual takes the generic path.
+    """
+    raw: Any = getattr(body, "_raw_stream", None)
+    fp: Any = getattr(raw, "_fp", None)
+    direct = (
+        isinstance(fp, http.client.HTTPResponse)
+        and not fp.chunked
+        and getattr(raw, "_decoder", None) is None
+        and str(getattr(raw, "headers", {}).get("content-encoding", "identity")).lower() in ("", "identity")
+    )
+    total = len(out)
+    got = 0
+    while got < total:
+        view = out[got : min(total, got + _READ_SLICE)]
+        n = fp.readinto(view) if direct else body.readinto(view)
+        if not n:
+            break
+        got += n
+    if direct and got == total and fp.isclosed():
+        # The message is complete, so the socket sits at a clean boundary: reuse it (closing the body
+        # would otherwise close the connection).
+        raw.release_conn()
+    return got
