@@ -447,7 +447,6 @@ def test_failure_beyond_retry_budget_aborts(
         attempts.setdefault(e.path.split("partNumber=")[1].split("&")[0], []).append(e.time)
     # The first part to fail gives up at its deadline; parts still retrying then stop at once (retrying
     # them is wasted time once the upload is doomed), so no part retries past its deadline.
-    assert max(len(times) for times in attempts.values()) > 3, attempts
     first_attempt = min(times[0] for times in attempts.values())
     for part, times in attempts.items():
         assert times[-1] - times[0] < deadline + 0.5, f"part {part} retried past its deadline"

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,10 +39,16 @@ class Run:
         return [e for e in self.events if e.get("event") == kind]
 
 
-def _run_worker(mode: str, cfg: dict[str, Any], env: dict[str, str], kill_after_saves: int | None, log: Any) -> Run:
+def _run_worker(
+    mode: str, cfg: dict[str, Any], env: dict[str, str], kill_after_saves: int | None, log: Any, timeout: float
+) -> Run:
     cmd = [sys.executable, "-m", "s3ckpt.demo.worker", mode, json.dumps(cfg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     run = Run()
+    # A watchdog, so a worker that never reports (a bug, a dead store) cannot hang the demo.
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.daemon = True
+    watchdog.start()
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.strip()
@@ -57,6 +64,7 @@ def _run_worker(mode: str, cfg: dict[str, Any], env: dict[str, str], kill_after_
             print(f"  !! killed the training process (pid {proc.pid}) with SIGKILL", flush=True)
             break
     proc.wait()
+    watchdog.cancel()
     run.returncode = proc.returncode
     return run
 
@@ -108,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--endpoint", help="S3 endpoint URL (default: start the embedded server)")
     parser.add_argument("--bucket", help="bucket to use (required with --endpoint or AWS credentials)")
     parser.add_argument("--prefix", default=None, help="key prefix for this run (default: demo-<random>)")
-    parser.add_argument("--steps", type=int, default=240, help="training steps in total")
     parser.add_argument("--every", type=int, default=20, help="save a checkpoint every N steps")
     parser.add_argument("--kill-after", type=int, default=4, help="SIGKILL after this many committed saves")
+    parser.add_argument("--resume-steps", type=int, default=120, help="training steps after the resume")
+    parser.add_argument("--timeout", type=float, default=600, help="give up (and fail) after this many seconds")
     parser.add_argument("--width", type=int, default=768, help="hidden width of the demo MLP")
     args = parser.parse_args(argv)
 
@@ -151,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         with tempfile.TemporaryDirectory(prefix="s3ckpt-demo-") as tmp:
-            cfg = {"dirpath": dirpath, "max_steps": args.steps, "every_n_train_steps": args.every, "width": args.width}
+            # The first run has no step limit: it is killed after --kill-after committed saves, however fast
+            # the machine trains, so the kill always lands mid-training.
+            cfg = {"dirpath": dirpath, "max_steps": 10**9, "every_n_train_steps": args.every, "width": args.width}
             log_path = os.path.join(tmp, "worker.log")
             with open(log_path, "w") as log:
                 print(f"\n[1/3] Training with async S3 checkpoints to {dirpath} (top-k=2, last) ...", flush=True)
-                first = _run_worker("train", cfg, env, kill_after_saves=args.kill_after, log=log)
+                first = _run_worker("train", cfg, env, kill_after_saves=args.kill_after, log=log, timeout=args.timeout)
                 if first.returncode != -signal.SIGKILL:
                     failures.append(f"the training process was not killed as planned (exit {first.returncode})")
 
@@ -172,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 print("\n[3/3] Resuming in a new process ...", flush=True)
                 cfg["state_out"] = os.path.join(tmp, "resumed.pt")
-                second = _run_worker("resume", cfg, env, kill_after_saves=None, log=log)
+                cfg["max_steps"] = (expected["global_step"] if expected else 0) + args.resume_steps
+                second = _run_worker("resume", cfg, env, kill_after_saves=None, log=log, timeout=args.timeout)
                 if second.returncode != 0:
                     failures.append(f"the resumed training failed (exit {second.returncode}); see {log_path}")
                     log.flush()
                     print(Path(log_path).read_text()[-3000:], file=sys.stderr)
                 elif expected is None:
                     failures.append("no checkpoint was found to resume from")
+                elif not os.path.exists(cfg["state_out"]):
+                    failures.append("the resumed process never started training from the checkpoint")
                 else:
                     import torch
 
