@@ -151,46 +151,55 @@ def list_checkpoints(
         )
 
     for logical, members in mp_groups.items():
-        committed = logical + GROUP_MARKER_SUFFIX in objects
-        step, epoch = parse_step_epoch(logical.rsplit("/", 1)[-1])
         entries.append(
-            CheckpointEntry(
-                url=build_s3_url(bucket, logical),
-                kind="model_parallel",
-                keys=tuple(sorted(m.key for m in members)),
-                size=sum(m.size for m in members),
-                last_modified=max((m.last_modified for m in members if m.last_modified), default=None),
-                committed=committed,
-                reason="" if committed else "no group commit marker (a rank's save did not finish)",
-                step=step,
-                epoch=epoch,
+            _group_entry(
+                bucket,
+                logical,
+                "model_parallel",
+                members,
+                committed=logical + GROUP_MARKER_SUFFIX in objects,
+                reason="no group commit marker (a rank's save did not finish)",
             )
         )
-
     for directory, members in sharded_dirs.items():
-        committed = directory + DCP_METADATA in objects
-        step, epoch = parse_step_epoch(directory.rstrip("/").rsplit("/", 1)[-1])
         entries.append(
-            CheckpointEntry(
-                url=build_s3_url(bucket, directory),
-                kind="sharded",
-                keys=tuple(sorted(m.key for m in members)),
-                size=sum(m.size for m in members),
-                last_modified=max((m.last_modified for m in members if m.last_modified), default=None),
-                committed=committed,
-                reason="" if committed else "no .metadata (the sharded save did not finish)",
-                step=step,
-                epoch=epoch,
+            _group_entry(
+                bucket,
+                directory,
+                "sharded",
+                members,
+                committed=directory + DCP_METADATA in objects,
+                reason="no .metadata (the sharded save did not finish)",
             )
         )
 
     if with_manifests:
-        entries = [replace(e, manifest=read_manifest(t, bucket, e.keys[0])) if e.kind == "file" else e for e in entries]
+        entries = [
+            replace(e, manifest=_manifest_or_none(t, bucket, e.keys[0])) if e.kind == "file" else e for e in entries
+        ]
         entries = [_fill_from_manifest(e) for e in entries]
     if not include_uncommitted:
         entries = [e for e in entries if e.committed]
     entries.sort(key=_order_key, reverse=True)
     return entries
+
+
+def _group_entry(
+    bucket: str, logical: str, kind: Kind, members: list[ListedObject], *, committed: bool, reason: str
+) -> CheckpointEntry:
+    """The entry of a checkpoint made of several objects (rank files, shards)."""
+    step, epoch = parse_step_epoch(logical.rstrip("/").rsplit("/", 1)[-1])
+    return CheckpointEntry(
+        url=build_s3_url(bucket, logical),
+        kind=kind,
+        keys=tuple(sorted(m.key for m in members)),
+        size=sum(m.size for m in members),
+        last_modified=max((m.last_modified for m in members if m.last_modified), default=None),
+        committed=committed,
+        reason="" if committed else reason,
+        step=step,
+        epoch=epoch,
+    )
 
 
 def _manifest_or_none(t: S3Transport, bucket: str, key: str) -> Manifest | None:

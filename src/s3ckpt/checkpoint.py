@@ -93,6 +93,7 @@ def save(
     max_write_concurrency: int | None = None,
     if_none_match: bool = False,
     progress: Callable[[int], None] | None = None,
+    zip_crc32: bool = False,
 ) -> SaveStats:
     """``torch.save(obj)`` straight into ``url``, streaming, with a CRC32C recorded for :func:`load`.
 
@@ -107,6 +108,8 @@ def save(
         chunk_size_MB, max_write_concurrency: override the transport's knobs for this call.
         if_none_match: refuse to replace an existing object (raises :class:`ConflictError`).
         progress: called with byte counts as parts are stored.
+        zip_crc32: also compute the zip format's per-record CRC-32 (see
+            :func:`s3ckpt.serialization.save_to_stream`; off by default, the CRC32C covers every byte).
 
     Returns:
         :class:`SaveStats` (bytes, seconds, CRC32C, ETag).
@@ -119,7 +122,7 @@ def save(
     t = resolve_transport(transport, chunk_size_MB=chunk_size_MB, max_write_concurrency=max_write_concurrency)
     start = time.perf_counter()
     with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=progress) as writer:
-        save_to_stream(obj, writer)
+        save_to_stream(obj, writer, zip_crc32=zip_crc32)
     result = writer.result
     write_manifest(t, result, summarize_meta(obj))
     seconds = time.perf_counter() - start

@@ -57,3 +57,12 @@ def test_groups_and_commit_status(transport: S3Transport, bucket: str) -> None:
     assert {e.name for e in committed} == set(by_name) - {"u-step=40.ckpt", "dcp-step=60"}
     with pytest.raises(FileNotFoundError):
         list_checkpoints(transport, "s3://no-such-bucket-cat/run")
+
+
+def test_unreadable_manifest_does_not_hide_the_listing(transport: S3Transport, bucket: str) -> None:
+    s3ckpt.save({"w": torch.ones(1)}, f"s3://{bucket}/r/a-step=1.ckpt", transport=transport)
+    s3ckpt.save({"w": torch.ones(1)}, f"s3://{bucket}/r/b-step=2.ckpt", transport=transport)
+    ops.put_bytes(transport, bucket, "r/b-step=2.ckpt.s3ckpt.json", b"not json")
+    entries = list_checkpoints(transport, f"s3://{bucket}/r", with_manifests=True)
+    assert [e.name for e in entries] == ["b-step=2.ckpt", "a-step=1.ckpt"]
+    assert entries[0].manifest is None and entries[1].manifest is not None

@@ -231,3 +231,21 @@ def test_s3utils_nemo_surface(transport: S3Transport, bucket: str, tmp_path: Pat
             S3Utils.s3_path_exists("s3://no-such-bucket-qq/x")
     finally:
         S3Utils.use_transport(None)
+
+
+def test_zip_crc32_option(transport: S3Transport, bucket: str) -> None:
+    """By default the zip's own per-record CRC-32 is skipped (the object's CRC32C covers every byte);
+    zip_crc32=True keeps a file that zip tools accept. Both load."""
+    import zipfile
+
+    state = {"w": torch.randn(1000)}
+    for flag in (False, True):
+        url = f"s3://{bucket}/zip-{flag}.ckpt"
+        s3ckpt.save(state, url, transport=transport, zip_crc32=flag)
+        assert torch.equal(s3ckpt.load(url, transport=transport)["w"], state["w"])
+        data = transport.clients.get().get_object(Bucket=bucket, Key=f"zip-{flag}.ckpt")["Body"].read()
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        if flag:
+            assert archive.testzip() is None
+        else:
+            assert all(info.CRC == 0 for info in archive.infolist())

@@ -20,6 +20,7 @@ import enum
 import importlib
 import io
 import json
+import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -257,3 +258,19 @@ def loads_metadata(data: bytes, *, trusted: bool = False, where: str = ".metadat
     if not isinstance(obj, Metadata):
         raise CheckpointCorruptedError(f"{where} holds a {type(obj).__name__}, not a DCP Metadata")
     return obj
+
+
+class S3CheckpointId:
+    """The ``checkpoint_id`` face DCP's storage reader and writer share: an ``s3://`` URL in ``self.url``."""
+
+    url: str | None
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        """The checkpoint URL (``s3://bucket/prefix/``)."""
+        return self.url
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        """True for ``s3://`` URLs."""
+        return isinstance(checkpoint_id, str) and checkpoint_id.startswith("s3://")

@@ -33,7 +33,7 @@ from ..transport import ops
 from ..transport.context import S3Transport
 from ..transport.download import ObjectChangedError, fetch_range, plan_ranges
 from ..transport.ops import ObjectInfo
-from .layout import MANIFEST_NAME, METADATA_NAME, FileRecord, Manifest, loads_metadata, split_url
+from .layout import MANIFEST_NAME, METADATA_NAME, FileRecord, Manifest, S3CheckpointId, loads_metadata, split_url
 from .spans import Span, plan_spans
 
 __all__ = ["S3StorageReader"]
@@ -48,7 +48,7 @@ def _narrow(tensor: torch.Tensor, offsets: torch.Size, lengths: torch.Size) -> t
     return tensor
 
 
-class S3StorageReader(StorageReader):
+class S3StorageReader(S3CheckpointId, StorageReader):
     """Load a ``torch.distributed.checkpoint`` from ``s3://bucket/prefix``, with any world size.
 
     Only a committed checkpoint is loaded (``.metadata`` present). Each rank fetches only the items its
@@ -228,16 +228,6 @@ class S3StorageReader(StorageReader):
         done: Future[None] = Future()
         done.set_result(None)
         return done
-
-    @property
-    def checkpoint_id(self) -> str | None:
-        """The checkpoint URL (``s3://bucket/prefix/``)."""
-        return self.url
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        """True for ``s3://`` URLs."""
-        return isinstance(checkpoint_id, str) and checkpoint_id.startswith("s3://")
 
     # -- internals ------------------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from ..transport.client import ClientFactory
 from ..transport.context import S3Transport
 from ..transport.upload import MultipartWriter
 from .commit import clear_previous, commit
-from .layout import FlatPrefixStrategy, ItemWrite, PrefixStrategy, RankFiles, split_url
+from .layout import FlatPrefixStrategy, ItemWrite, PrefixStrategy, RankFiles, S3CheckpointId, split_url
 
 __all__ = ["S3StorageWriter"]
 
@@ -83,7 +83,7 @@ def _host_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class S3StorageWriter(StorageWriter):
+class S3StorageWriter(S3CheckpointId, StorageWriter):
     """Save a ``torch.distributed.checkpoint`` straight to ``s3://bucket/prefix``.
 
     Each rank streams its items into one multipart upload per file (``__{rank}_{n}.distcp``), so memory per
@@ -221,16 +221,6 @@ class S3StorageWriter(StorageWriter):
     def storage_meta(self) -> StorageMeta | None:
         """The checkpoint URL and this save's id, recorded in ``.metadata``."""
         return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
-
-    @property
-    def checkpoint_id(self) -> str | None:
-        """The checkpoint URL (``s3://bucket/prefix/``)."""
-        return self.url
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        """True for ``s3://`` URLs."""
-        return isinstance(checkpoint_id, str) and checkpoint_id.startswith("s3://")
 
     # -- internals ------------------------------------------------------------------------------------------
 
