@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Literal
 
 from .errors import CheckpointCorruptedError
-from .layout import MANIFEST_SUFFIX, Manifest, read_manifest
+from .layout import Manifest, is_manifest_key, read_manifest
 from .s3_dirpath_utils import build_s3_url, parse_s3_url
 from .transport import ops
 from .transport.context import S3Transport
@@ -121,7 +121,7 @@ def list_checkpoints(
     mp_groups: dict[str, list[ListedObject]] = defaultdict(list)
 
     for key, obj in objects.items():
-        if key.endswith(MANIFEST_SUFFIX) or key.endswith(GROUP_MARKER_SUFFIX):
+        if is_manifest_key(key) or key.endswith(GROUP_MARKER_SUFFIX):
             continue
         base = key.rsplit("/", 1)[-1]
         if base.endswith(".distcp") or base == DCP_METADATA or base == DCP_METADATA + ".tmp":

@@ -7,13 +7,13 @@ writes the manifest. ``load`` downloads with parallel ranged GETs into an in-mem
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import TransferConfig
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, S3NotFoundError
 from .layout import expected_crc32c, manifest_key, summarize_meta, write_manifest
 from .s3_dirpath_utils import parse_s3_url
@@ -53,18 +53,9 @@ def resolve_transport(
         if v is not None
     }
     if knobs:
-        base = transport.transfer
-        transport = transport.with_transfer(TransferConfig(**{**_transfer_dict(base), **knobs}))
+        # replace() re-runs TransferConfig's validation on the overridden knobs.
+        transport = transport.with_transfer(dataclasses.replace(transport.transfer, **knobs))
     return transport
-
-
-def _transfer_dict(cfg: TransferConfig) -> dict[str, Any]:
-    return {
-        "chunk_size_MB": cfg.chunk_size_MB,
-        "max_write_concurrency": cfg.max_write_concurrency,
-        "max_read_concurrency": cfg.max_read_concurrency,
-        "read_chunk_size_MB": cfg.read_chunk_size_MB,
-    }
 
 
 @dataclass(frozen=True)

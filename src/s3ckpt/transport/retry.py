@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import botocore.exceptions as bce
 
@@ -285,8 +285,3 @@ class Retrier:
 def is_throttle(exc: BaseException) -> bool:
     """True for a throttling answer (any 503 or a SlowDown-style code)."""
     return error_code(exc) in _THROTTLE_CODES or _status(exc) == 503
-
-
-def response_status(response: dict[str, Any]) -> int:
-    """HTTP status of a botocore response dict."""
-    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))

@@ -27,7 +27,6 @@ from ..config import MAX_PARTS, MiB, adjust_part_size
 from ..errors import ConflictError, S3CheckpointError, S3NotFoundError, S3TransferError
 from . import ops
 from .context import S3Transport
-from .retry import error_code
 
 __all__ = ["NONCE_META", "MultipartWriter", "UploadResult"]
 
@@ -406,9 +405,3 @@ class MultipartWriter(io.RawIOBase):
         if info.metadata.get(NONCE_META) == self.nonce and info.size == self._size:
             return info.etag
         return None
-
-
-def error_is_precondition(exc: BaseException) -> bool:
-    """True if ``exc`` (or its cause) is a failed conditional write."""
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
-    return isinstance(exc, ConflictError) or error_code(cause) in ("PreconditionFailed", "412")
