@@ -8,7 +8,6 @@ out as :class:`~s3ckpt.errors.S3CheckpointError` subclasses that also inherit th
 from __future__ import annotations
 
 import io
-import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from .checkpoint import resolve_transport
 from .errors import S3NotFoundError
 from .transport import ops
 from .transport.context import S3Transport
-from .transport.download import download_into
+from .transport.download import download_into, download_to_path
 from .transport.upload import MultipartWriter
 
 __all__ = ["S3Utils"]
@@ -134,24 +133,7 @@ class S3Utils:
         """
         bucket, key = s3_dirpath_utils.parse_s3_url(s3_path, require_key=True)
         t = S3Utils._t()
-        info = ops.head(t, bucket, key)
-        dest = Path(local_path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.s3ckpt-partial-{os.getpid()}")
-        try:
-            with open(tmp, "wb+") as f:
-                f.truncate(info.size)
-                if info.size:
-                    with mmap.mmap(f.fileno(), info.size) as m:
-                        view = memoryview(m)
-                        try:
-                            download_into(t, info, view, progress=progress)
-                        finally:
-                            view.release()
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        download_to_path(t, ops.head(t, bucket, key), Path(local_path), progress=progress)
 
     @staticmethod
     def download_s3_file_to_stream(s3_path: str, progress: Callable[[int], None] | None = None) -> io.BytesIO:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import mmap
-import os
 import time
 import uuid
 import zipfile
@@ -30,7 +28,7 @@ from ..errors import CheckpointCorruptedError
 from ..layout import expected_crc32c, manifest_key, read_manifest, summarize_meta, write_manifest
 from ..serialization import crc32c_of
 from ..transport.context import S3Transport
-from ..transport.download import download_into
+from ..transport.download import download_to_path
 from ..transport.ops import ObjectInfo, delete_object, head
 from ..transport.upload import NONCE_META, MultipartWriter, UploadResult
 from .safe_pickle import safe_load
@@ -121,29 +119,18 @@ def download_to_file(
         expected, source = recorded_crc32c(t, info, has_manifest=has_manifest)
     else:
         expected, source = None, "not verified (--no-verify)"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.s3ckpt-partial-{os.getpid()}")
-    try:
-        with open(tmp, "wb+") as f:
-            f.truncate(info.size)
-            actual = 0
-            if info.size:
-                with mmap.mmap(f.fileno(), info.size) as m:
-                    view = memoryview(m)
-                    try:
-                        download_into(t, info, view, progress=progress)
-                        actual = crc32c_of(view) if expected is not None else 0
-                    finally:
-                        view.release()
-        if expected is not None and actual != expected:
+
+    def check(view: memoryview) -> None:
+        if expected is None:
+            return
+        actual = crc32c_of(view)
+        if actual != expected:
             raise CheckpointCorruptedError(
                 f"s3://{info.bucket}/{info.key} is corrupted: CRC32C {actual:08x}, the {source} recorded "
                 f"{expected:08x}; nothing was written to {dest}"
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    download_to_path(t, info, dest, progress=progress, check=check)
     if expected is None:
         if verify:
             log.warning("s3://%s/%s copied unverified: %s", info.bucket, info.key, source)

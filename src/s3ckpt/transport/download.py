@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import http.client
 import logging
+import mmap
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConflictError
@@ -21,7 +24,7 @@ from .context import S3Transport
 from .ops import ObjectInfo
 from .retry import RetryableError
 
-__all__ = ["ObjectChangedError", "download_into", "fetch_range", "plan_ranges"]
+__all__ = ["ObjectChangedError", "download_into", "download_to_path", "fetch_range", "plan_ranges"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,44 @@ def download_into(
                 raise fut.exception()  # type: ignore[misc]
         for fut in futures:
             fut.result()
+
+
+def download_to_path(
+    t: S3Transport,
+    info: ObjectInfo,
+    dest: Path,
+    *,
+    progress: Callable[[int], None] | None = None,
+    check: Callable[[memoryview], None] | None = None,
+) -> None:
+    """Download the object into the file ``dest`` with :func:`download_into`.
+
+    The bytes land in a temporary sibling (mapped, so ranges are written in place), which is renamed over
+    ``dest`` only when complete: ``dest`` is never left half-written.
+
+    Args:
+        check: sees the downloaded bytes before the rename; raising from it leaves ``dest`` untouched.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.s3ckpt-partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb+") as f:
+            f.truncate(info.size)
+            if info.size:
+                with mmap.mmap(f.fileno(), info.size) as m:
+                    view = memoryview(m)
+                    try:
+                        download_into(t, info, view, progress=progress)
+                        if check is not None:
+                            check(view)
+                    finally:
+                        view.release()
+            elif check is not None:
+                check(memoryview(b""))
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fetch_range(
