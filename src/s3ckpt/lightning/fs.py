@@ -174,9 +174,9 @@ class S3FileSystem(AbstractFileSystem):  # type: ignore[misc]
         prefix = f"{key}/" if key else ""
         t = self.transport
         entries: list[dict[str, Any]] = []
-        saw_any = False
-        for obj in ops.list_objects(t, bucket, prefix, delimiter="/"):
-            saw_any = True
+        objects, subdirs = ops.list_dir(t, bucket, prefix)
+        saw_any = bool(objects or subdirs)
+        for obj in objects:
             if obj.key == prefix or is_manifest_key(obj.key):
                 continue
             entries.append(
@@ -188,8 +188,7 @@ class S3FileSystem(AbstractFileSystem):  # type: ignore[misc]
                     "LastModified": obj.last_modified,
                 }
             )
-        for sub in ops.list_prefixes(t, bucket, prefix):
-            saw_any = True
+        for sub in subdirs:
             entries.append({"name": f"{bucket}/{sub.rstrip('/')}", "size": 0, "type": "directory"})
         if not saw_any:
             if key and self.isfile(path):

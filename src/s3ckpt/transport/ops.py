@@ -28,6 +28,7 @@ __all__ = [
     "exists",
     "get_bytes",
     "head",
+    "list_dir",
     "list_objects",
     "list_prefixes",
     "list_uploads",
@@ -148,6 +149,15 @@ def _pages(
             return
 
 
+def _listed(item: dict[str, Any]) -> ListedObject:
+    return ListedObject(
+        key=str(item["Key"]),
+        size=int(item.get("Size", 0)),
+        etag=str(item.get("ETag", "")),
+        last_modified=item.get("LastModified"),
+    )
+
+
 def list_objects(
     t: S3Transport,
     bucket: str,
@@ -157,23 +167,28 @@ def list_objects(
     max_keys: int | None = None,
 ) -> Iterator[ListedObject]:
     """Every object under ``prefix`` (all pages), in the store's order. With ``delimiter``, only the
-    objects directly under the prefix; see :func:`list_prefixes` for the sub-prefixes."""
+    objects directly under the prefix; see :func:`list_dir` for the sub-prefixes too."""
     for page in _pages(t, bucket, prefix, delimiter, max_keys):
         for item in page.get("Contents", []) or []:
-            yield ListedObject(
-                key=str(item["Key"]),
-                size=int(item.get("Size", 0)),
-                etag=str(item.get("ETag", "")),
-                last_modified=item.get("LastModified"),
-            )
+            yield _listed(item)
+
+
+def list_dir(
+    t: S3Transport, bucket: str, prefix: str = "", delimiter: str = "/"
+) -> tuple[list[ListedObject], list[str]]:
+    """The objects and the sub-prefixes ("directories") directly under ``prefix``, from one listing (a
+    ListObjectsV2 page carries both)."""
+    objects: list[ListedObject] = []
+    prefixes: list[str] = []
+    for page in _pages(t, bucket, prefix, delimiter, None):
+        objects.extend(_listed(item) for item in page.get("Contents", []) or [])
+        prefixes.extend(str(p["Prefix"]) for p in page.get("CommonPrefixes", []) or [])
+    return objects, prefixes
 
 
 def list_prefixes(t: S3Transport, bucket: str, prefix: str = "", delimiter: str = "/") -> list[str]:
     """The sub-prefixes ("directories") directly under ``prefix``."""
-    out: list[str] = []
-    for page in _pages(t, bucket, prefix, delimiter, None):
-        out.extend(str(p["Prefix"]) for p in page.get("CommonPrefixes", []) or [])
-    return out
+    return list_dir(t, bucket, prefix, delimiter)[1]
 
 
 def delete_object(t: S3Transport, bucket: str, key: str) -> None:
