@@ -127,7 +127,13 @@ def _download_verified(
     *,
     verify: bool | str,
     progress: Callable[[int], None] | None,
-) -> tuple[LoadBuffer, str]:
+    recorded: tuple[int, str] | None = None,
+) -> tuple[LoadBuffer, str, int | None]:
+    """Download ``url`` into a :class:`LoadBuffer` and check its CRC32C against the recorded one.
+
+    Returns the buffer, where the expected CRC32C came from, and the CRC32C computed (None if unchecked).
+    ``recorded`` is a ``(crc32c, source)`` kept elsewhere (a DCP sidecar), used when the store keeps none.
+    """
     bucket, key = parse_s3_url(url, require_key=True)
     try:
         info = ops.head(t, bucket, key)
@@ -137,12 +143,17 @@ def _download_verified(
         except S3NotFoundError as bucket_exc:
             raise CheckpointNotFoundError(str(bucket_exc)) from exc
         raise CheckpointNotFoundError(f"checkpoint not found: {url}") from exc
-    expected, source = expected_crc32c(t, info) if verify else (None, "verification off")
+    if not verify:
+        expected, source = None, "verification off"
+    elif recorded is not None and info.checksum_crc32c is None:
+        expected, source = recorded
+    else:
+        expected, source = expected_crc32c(t, info)
     buf = LoadBuffer(info.size)
     try:
         download_into(t, info, buf.view, progress=progress)
+        actual = buf.crc32c() if expected is not None else None
         if expected is not None:
-            actual = buf.crc32c()
             if actual != expected:
                 raise CheckpointCorruptedError(
                     f"{url} is corrupted: CRC32C of its {info.size} bytes is {actual:08x}, the {source} "
@@ -152,7 +163,7 @@ def _download_verified(
             raise CheckpointCorruptedError(f"{url} cannot be verified: {source}")
         elif verify:
             log.warning("loading %s unverified: %s", url, source)
-        return buf, source
+        return buf, source, actual
     except BaseException:
         buf.close()
         raise
@@ -191,7 +202,7 @@ def load(
         UnsafeCheckpointError: ``weights_only=True`` refused an object.
     """
     t = resolve_transport(transport, chunk_size_MB=chunk_size_MB, max_read_concurrency=max_read_concurrency)
-    buf, _ = _download_verified(t, url, verify=verify, progress=progress)
+    buf, _, _ = _download_verified(t, url, verify=verify, progress=progress)
     with buf:
         return load_from_buffer(buf, url=url, map_location=map_location, weights_only=weights_only, mmap_tensors=mmap)
 
@@ -207,17 +218,26 @@ class VerifyResult:
 
 
 def verify(
-    url: str, *, transport: S3Transport | None = None, progress: Callable[[int], None] | None = None
+    url: str,
+    *,
+    transport: S3Transport | None = None,
+    progress: Callable[[int], None] | None = None,
+    recorded: tuple[int, str] | None = None,
 ) -> VerifyResult:
     """Download ``url`` and check its CRC32C without unpickling anything.
+
+    Args:
+        recorded: ``(crc32c, source)`` recorded outside the object (a DCP sidecar manifest); used when the
+            store keeps no checksum with the object.
 
     Raises:
         CheckpointCorruptedError: a mismatch, or no checksum recorded for the object.
     """
     t = resolve_transport(transport)
-    buf, source = _download_verified(t, url, verify="require", progress=progress)
+    buf, source, actual = _download_verified(t, url, verify="require", progress=progress, recorded=recorded)
     with buf:
-        return VerifyResult(url, buf.size, buf.crc32c(), source)
+        assert actual is not None  # verify="require" checked it
+        return VerifyResult(url, buf.size, actual, source)
 
 
 def delete(url: str, *, transport: S3Transport | None = None) -> None:

@@ -169,7 +169,7 @@ def _check(t: S3Transport, entry: CheckpointEntry, policy: VerifyPolicy) -> None
     if entry.kind == "model_parallel":
         _check_group(t, bucket, entry)
     for key in entry.keys if policy is True else ():
-        buf, _ = ck._download_verified(t, build_s3_url(bucket, key), verify=True, progress=None)
+        buf, _, _ = ck._download_verified(t, build_s3_url(bucket, key), verify=True, progress=None)
         buf.close()
     if policy == "head" and entry.kind == "file":
         expected_crc32c(t, ops.head(t, bucket, entry.keys[0]))

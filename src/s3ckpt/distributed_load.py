@@ -158,7 +158,7 @@ def load_shared(
 
             def download() -> _Shared:
                 nonlocal buf
-                buf, _ = ck._download_verified(ck.resolve_transport(transport), url, verify=verify, progress=None)
+                buf, _, _ = ck._download_verified(ck.resolve_transport(transport), url, verify=verify, progress=None)
                 return _Shared(f"/proc/{os.getpid()}/fd/{buf.fd}", buf.size)
 
             sent = _capture(download)
