@@ -35,6 +35,7 @@ PREIMPORT = (
     "boto3.s3.transfer",
     "botocore.config",
     "s3ckpt.lightning",
+    "nemo.utils.callbacks.s3_checkpoint_io",
     "lightning.pytorch.plugins.io",
     "fsspec",
     "s3fs",

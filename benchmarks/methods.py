@@ -50,19 +50,40 @@ def _url(spec: Spec) -> str:
     return f"s3://{spec['bucket']}/{spec['key']}"
 
 
+_KNOBS = ("chunk_size_MB", "max_read_concurrency", "max_write_concurrency")
+
+
 def _s3ckpt_io(spec: Spec, async_checkpointing: bool = False) -> Any:
+    """``S3CheckpointIO(dirpath)`` with only the knobs the settings name: none means s3ckpt's defaults."""
+    import dataclasses
+
     from s3ckpt.lightning import S3CheckpointIO
 
     s = spec["settings"]
-    ckio = S3CheckpointIO(
-        f"s3://{spec['bucket']}/bench",
-        chunk_size_MB=s.get("chunk_size_MB", 64),
-        max_read_concurrency=s.get("max_read_concurrency", 15),
-        max_write_concurrency=s.get("max_write_concurrency", 10),
-        async_checkpointing=async_checkpointing,
-    )
+    kwargs: dict[str, Any] = {k: s[k] for k in _KNOBS if k in s}
+    if "max_pending_saves" in s:
+        kwargs["max_pending_saves"] = s["max_pending_saves"]
+    ckio = S3CheckpointIO(f"s3://{spec['bucket']}/bench", async_checkpointing=async_checkpointing, **kwargs)
+    if "read_chunk_size_MB" in s:  # not a NeMo knob: the sweep sets it on the transport
+        transfer = dataclasses.replace(ckio.transport.transfer, read_chunk_size_MB=s["read_chunk_size_MB"])
+        ckio.transport = ckio.transport.with_transfer(transfer)
     ckio.transport.clients.get().head_bucket(Bucket=spec["bucket"])
     return ckio
+
+
+def _nemo_io(spec: Spec) -> Any:
+    """NeMo 3.0.0's own ``S3CheckpointIO`` at its defaults, with the 1-rank gloo group its log lines need."""
+    import socket
+
+    import torch.distributed as dist
+    from nemo.utils.callbacks.s3_checkpoint_io import S3CheckpointIO as NeMoS3CheckpointIO
+
+    if not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return NeMoS3CheckpointIO(f"s3://{spec['bucket']}/bench")
 
 
 def _boto3_client(spec: Spec, raw: bool = False) -> Any:
@@ -106,23 +127,19 @@ def _prepare(spec: Spec) -> Callable[..., Any]:
 
     method, op, s = spec["method"], spec["op"], spec["settings"]
     url = _url(spec)
-    if method in ("s3ckpt", "s3ckpt-tuned"):
+    if method in ("s3ckpt", "s3ckpt-nemo-knobs"):
         ckio = _s3ckpt_io(spec)
         if op == "save":
             return lambda state: ckio.save_checkpoint(state, url)
         return lambda: ckio.load_checkpoint(url)
     if method == "s3ckpt-async":
-        ckio = _s3ckpt_io(spec, async_checkpointing=True)
-
-        def async_save(state: Any) -> dict[str, float]:
-            t0 = time.perf_counter()
-            ckio.save_checkpoint(state, url)
-            stall = time.perf_counter() - t0
-            ckio.wait()
-            ckio.teardown()
-            return {"stall_s": stall}
-
-        return async_save
+        return _async_run(spec)
+    if method == "nemo":
+        nemo = _nemo_io(spec)
+        # Its client is a fresh boto3 resource per call (by design, for expiring tokens): nothing to warm.
+        if op == "save":
+            return lambda state: nemo.save_checkpoint(state, url)
+        return lambda: nemo.load_checkpoint(url)
     if method == "nemo-ref":
         from boto3.s3.transfer import TransferConfig
 
@@ -185,6 +202,72 @@ def _prepare(spec: Spec) -> Callable[..., Any]:
     raise ValueError(f"unknown method {method!r}")
 
 
+def _async_run(spec: Spec) -> Callable[..., Any]:
+    """``saves`` consecutive async saves, a simulated training interval apart; the stall of each.
+
+    The interval is ``interval_factor`` x one synchronous save of the same state, measured first (outside
+    the timed part), so uploads keep up on average: the steady state in which a save should stall for its
+    snapshot only. The snapshot time alone is also measured first, nothing else running: ``snapshot_s``
+    (``clone_to_host`` into fresh memory, what any snapshot costs) and ``snapshot_reused_s`` (into the
+    buffers of a finished snapshot, what the plugin's snapshot pool does in the steady state). The training
+    step is a sleep: on a real job the accelerator computes while the host CPU uploads.
+    """
+    from s3ckpt.serialization import clone_to_host
+    from s3ckpt.snapshot import SnapshotPool
+
+    s = spec["settings"]
+    saves, factor = int(s.get("saves", 10)), float(s.get("interval_factor", 1.2))
+    base = f"s3://{spec['bucket']}/{spec['key']}"
+    sync_io = _s3ckpt_io({**spec, "settings": {k: v for k, v in s.items() if k in _KNOBS}})
+    ckio = _s3ckpt_io(spec, async_checkpointing=True)
+    pre: dict[str, float] = {}
+
+    def before(state: Any) -> None:
+        t0 = time.perf_counter()
+        sync_io.save_checkpoint(state, base + "-sync")
+        pre["sync_save_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        snap = clone_to_host(state)
+        pre["snapshot_s"] = time.perf_counter() - t0
+        del snap
+        # The same into the buffers of a finished snapshot (what S3CheckpointIO's SnapshotPool reuses).
+        pool = SnapshotPool(1)
+        copy, used = pool.copier()
+        clone_to_host(state, copy=copy)
+        pool.release(used)
+        copy, used = pool.copier()
+        t0 = time.perf_counter()
+        clone_to_host(state, copy=copy)
+        pre["snapshot_reused_s"] = time.perf_counter() - t0
+        pool.clear()
+
+    def run(state: Any) -> dict[str, Any]:
+        interval = factor * pre["sync_save_s"]
+        stalls: list[float] = []
+        for i in range(saves):
+            t0 = time.perf_counter()
+            ckio.save_checkpoint(state, f"{base}-{i}")
+            stall = time.perf_counter() - t0
+            stalls.append(stall)
+            if i + 1 < saves:
+                time.sleep(max(0.0, interval - stall))
+        ckio.wait()
+        ckio.teardown()
+        queued = [r.queued_s for r in ckio.records] if ckio.records and hasattr(ckio.records[0], "queued_s") else []
+        return {
+            "stall_s": sorted(stalls)[len(stalls) // 2],
+            "stalls_s": stalls,
+            "stall_max_s": max(stalls),
+            "queued_s": queued,
+            "interval_s": interval,
+            "saves": saves,
+            **pre,
+        }
+
+    run.before = before  # type: ignore[attr-defined]
+    return run
+
+
 # -- measuring ---------------------------------------------------------------------------------------------
 
 
@@ -236,6 +319,8 @@ def measure(spec: Spec) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if spec["op"] == "save":
         state, result["bytes"] = build_state(spec["size"], spec.get("seed", 0))
+        if hasattr(operation, "before"):
+            operation.before(state)
     gc.collect()
     exact_peak = _reset_peak()
     rss0, cpu0, srv0 = _rss(), _cpu(), _server_cpu(spec.get("server_pid"))
@@ -253,7 +338,7 @@ def measure(spec: Spec) -> dict[str, Any]:
         exact_peak=exact_peak,
     )
     if isinstance(out, dict) and "stall_s" in out:
-        result["stall_s"] = out["stall_s"]
+        result.update(out)
     if spec["op"] == "load":
         got = len(out) if spec["method"] == "raw" else tensor_bytes(out)
         if got != spec["expect_bytes"]:

@@ -6,7 +6,10 @@ project's venv without breaking ``pip check``. They live in ``benchmarks/.venv-p
 1. ``python -m venv benchmarks/.venv-peers``
 2. ``pip install torch==2.13.0`` first and on its own: the CPU wheel is on this machine's disk, and an
    unpinned torch resolved beside other packages pulls GBs of CUDA wheels.
-3. ``pip install torch==2.13.0 lightning==<ours> s3fs s3torchconnector==1.5.0`` (torch stays pinned).
+3. ``pip install torch==2.13.0 lightning==2.4.0 s3fs s3torchconnector==1.5.0`` plus what NeMo's import chain
+   needs (torch stays pinned; NeMo 3.0.0 refuses Lightning 2.6, so the peers run Lightning 2.4.0).
+4. ``pip install --no-deps nemo_toolkit==3.0.0``: NeMo's own ``S3CheckpointIO`` without its hundreds of
+   optional dependencies (CUDA bindings, aistore, tensorboard, ...), which the S3 plugin never touches.
 
 A stamp file records the requirement list; a venv whose stamp matches is reused as it is. If anything fails
 (no network in CI, a wheel missing for this platform), :func:`ensure_peers` returns the reason instead of an
@@ -29,22 +32,47 @@ PEERS_DIR = Path(__file__).resolve().parent / ".venv-peers"
 _STAMP = ".bench-peers.json"
 TORCH_PIN = "torch==2.13.0"
 S3TORCHCONNECTOR_PIN = "s3torchconnector==1.5.0"
+# Lightning 2.4.0 (NeMo's) needs fsspec < 2026, so s3fs 2025.12.0 (which pins fsspec 2025.12.0); it needs
+# aiobotocore < 3, which pins a narrow botocore range that boto3 (NeMo's client) must match. Without these
+# pins pip backtracks through dozens of boto3 / aiobotocore / fsspec / huggingface_hub releases for many
+# minutes before it finds (or fails to find) a solution.
+S3FS_PINS = ["s3fs==2025.12.0", "aiobotocore==2.26.0", "boto3>=1.41.0,<1.41.6", "fsspec[http]==2025.12.0"]
+NEMO_PIN = "nemo_toolkit==3.0.0"
+# NeMo 3.0.0 checks Lightning's version on import and refuses 2.6; 2.4.0 is what it was released against.
+NEMO_LIGHTNING_PIN = "lightning==2.4.0"
+# What `import nemo.utils.callbacks.s3_checkpoint_io` pulls in (found by importing it in a --no-deps install).
+NEMO_IMPORT_CHAIN = [
+    "tenacity",
+    "hydra-core",
+    "antlr4-python3-runtime==4.9.3",
+    "wrapt",
+    "huggingface_hub",
+    "onnx",
+    "protobuf",
+    "ml_dtypes",
+    "nv_one_logger_core",
+    "nv_one_logger_training_telemetry",
+    "nv_one_logger_pytorch_lightning_integration",
+    "pydantic",
+    "overrides",
+    "toml",
+    "strenum",
+    "einops",
+    "transformers",
+    "sentencepiece",
+    "pandas",
+]
 _INSTALL_TIMEOUT_S = 1800
-
-
-def _lightning_pin() -> str:
-    """The Lightning release of the project's venv, so both sides run the same ``TorchCheckpointIO``."""
-    try:
-        from importlib.metadata import version
-
-        return f"lightning=={version('lightning')}"
-    except Exception:
-        return "lightning"
 
 
 def peer_requirements() -> list[str]:
     """What the peers' venv gets, in the second ``pip install`` (torch pinned again so it cannot move)."""
-    return [TORCH_PIN, _lightning_pin(), "s3fs", S3TORCHCONNECTOR_PIN]
+    return [TORCH_PIN, NEMO_LIGHTNING_PIN, *S3FS_PINS, S3TORCHCONNECTOR_PIN, *NEMO_IMPORT_CHAIN]
+
+
+def peer_no_deps() -> list[str]:
+    """Installed last with ``--no-deps``."""
+    return [NEMO_PIN]
 
 
 @dataclass
@@ -76,7 +104,7 @@ def _run(cmd: list[str], log: Path) -> None:
 
 def _freeze(python: str) -> dict[str, str]:
     wanted = {"torch", "lightning", "s3fs", "aiobotocore", "botocore", "fsspec", "s3torchconnector"}
-    wanted |= {"s3torchconnectorclient", "awscrt"}
+    wanted |= {"s3torchconnectorclient", "awscrt", "nemo_toolkit", "nemo-toolkit", "boto3"}
     out = subprocess.run([python, "-m", "pip", "freeze"], capture_output=True, text=True, check=False).stdout
     versions = {}
     for line in out.splitlines():
@@ -96,7 +124,7 @@ def ensure_peers(install: bool = True, venv_dir: Path = PEERS_DIR, quiet: bool =
     """
     python = venv_dir / "bin" / "python"
     stamp = venv_dir / _STAMP
-    reqs = peer_requirements()
+    reqs = peer_requirements() + peer_no_deps()
     if python.exists() and stamp.exists():
         try:
             if json.loads(stamp.read_text()).get("requirements") == reqs:
@@ -117,7 +145,8 @@ def ensure_peers(install: bool = True, venv_dir: Path = PEERS_DIR, quiet: bool =
             _run([sys.executable, "-m", "venv", str(venv_dir)], log)
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
         _run([*pip, TORCH_PIN], log)
-        _run([*pip, *reqs], log)
+        _run([*pip, *peer_requirements()], log)
+        _run([*pip, "--no-deps", *peer_no_deps()], log)
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         return PeerEnv(None, error=f"could not create the peers venv: {exc}", install_s=time.monotonic() - t0)
     versions = _freeze(str(python))

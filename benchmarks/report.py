@@ -13,17 +13,27 @@ from typing import Any
 
 from .stats import Ratio, Record, fmt_size, validate_record
 
-__all__ = ["RESULTS_DIR", "format_compare", "format_ratios", "format_table", "machine_info", "plot", "write_json"]
+__all__ = [
+    "RESULTS_DIR",
+    "format_async",
+    "format_compare",
+    "format_ratios",
+    "format_sweep",
+    "format_table",
+    "machine_info",
+    "plot",
+    "write_json",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 LABELS = {
-    "s3ckpt": "s3ckpt S3CheckpointIO, defaults (64 MiB x 10 write, 15 read)",
-    "s3ckpt-tuned": "s3ckpt S3CheckpointIO, best settings of the sweep",
-    "s3ckpt-async": "s3ckpt S3CheckpointIO async (best settings): wall = until committed",
+    "s3ckpt": "s3ckpt S3CheckpointIO(dirpath): its defaults",
+    "s3ckpt-nemo-knobs": "s3ckpt S3CheckpointIO with NeMo's knobs verbatim (64 MiB x 10 write, x 15 read)",
+    "nemo": "NeMo 3.0.0 S3CheckpointIO(dirpath), its defaults (/dev/shm staging; peers venv)",
     "nemo-ref": "NeMo-style REFERENCE: torch.save->BytesIO->boto3 upload_fileobj (64 MiB x 10) / download_fileobj x15",
     "lightning-s3fs": "Lightning TorchCheckpointIO on s3:// via fsspec/s3fs (peers venv)",
-    "s3torchconnector": "s3torchconnector S3Checkpoint, 8 MiB parts (peers venv)",
+    "s3torchconnector": "s3torchconnector 1.5.0 S3Checkpoint, its defaults (8 MiB parts; peers venv)",
     "torch-tmpfs": "CEILING torch.save / torch.load on a /dev/shm file",
     "raw": "CEILING raw multipart PUT / parallel ranged GET, boto3 low-level, no torch",
 }
@@ -35,7 +45,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 def format_table(records: Sequence[Record]) -> str:
     """The main table: one line per method and operation."""
-    head = f"{'method':<17} {'op':<5} {'wall s':>7} {'GB/s':>6} {'CPU-s/GB':>8} {'srv CPU/GB':>10} "
+    head = f"{'method':<17} {'op':<5} {'wall s':>7} {'min s':>6} {'GB/s':>6} {'CPU-s/GB':>8} {'srv CPU/GB':>10} "
     head += f"{'peak RSS':>10} {'n':>2}"
     lines = [head, "-" * len(head)]
     for r in records:
@@ -44,12 +54,61 @@ def format_table(records: Sequence[Record]) -> str:
             continue
         rss = fmt_size(r.peak_rss_bytes) if r.peak_rss_bytes is not None else "-"
         line = (
-            f"{r.method:<17} {r.op:<5} {_num(r.wall_s, '7.2f')} {_num(r.gbps, '6.3f')} {_num(r.cpu_s_per_gb, '8.2f')} "
+            f"{r.method:<17} {r.op:<5} {_num(r.wall_s, '7.2f')} {_num(r.wall_min_s, '6.2f')} {_num(r.gbps, '6.3f')} "
+            f"{_num(r.cpu_s_per_gb, '8.2f')} "
             f"{_num(r.server_cpu_s_per_gb, '10.2f')} {rss:>10} {r.n_runs:>2}"
         )
         if r.stall_s is not None:
             line += f"  stall {r.stall_s:.2f} s"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def format_sweep(doc: dict[str, Any]) -> str:
+    """The defaults sweep: one line per setting, fastest first within each size and operation."""
+    lines = [f"defaults sweep ({doc['rule']}):"]
+    head = (
+        f"  {'op':<5} {'size':>8} {'setting':<28} {'median s':>8} {'min s':>6} {'CPU-s/GB':>8} {'peak RSS':>9} {'n':>2}"
+    )
+    lines += [head, "  " + "-" * (len(head) - 2)]
+    rows = sorted(doc["table"], key=lambda r: (r["op"] != "save", r["size_bytes"], r["wall_s"] or 1e9))
+    for r in rows:
+        cfg = r["settings"]
+        if r["op"] == "save":
+            text = f"{cfg['chunk_size_MB']} MiB parts x {cfg['max_write_concurrency']}"
+        else:
+            text = f"{cfg['read_chunk_size_MB']} MiB ranges x {cfg['max_read_concurrency']}"
+        rss = fmt_size(r["peak_rss_bytes"]) if r["peak_rss_bytes"] is not None else "-"
+        n = len(r["runs"]) - len(r["errors"])
+        lines.append(
+            f"  {r['op']:<5} {fmt_size(r['size_bytes']):>8} {text:<28} {_num(r['wall_s'], '8.2f')} "
+            f"{_num(r['wall_min_s'], '6.2f')} {_num(r['cpu_s_per_gb'], '8.2f')} {rss:>9} {n:>2}"
+        )
+    lines.append(f"  best save {doc['best_save']}, best load {doc['best_load']}")
+    if doc.get("best_save_confirm"):
+        lines.append(
+            f"  confirmed at {fmt_size(doc['confirm_size_bytes'])}: save {doc['best_save_confirm']}, "
+            f"load {doc['best_load_confirm']}"
+        )
+    lines.append(f"  defaults: {doc['defaults']}")
+    return "\n".join(lines)
+
+
+def format_async(runs: Sequence[dict[str, Any]]) -> str:
+    """The runs of consecutive async saves: stall per save against the snapshot and the sync save."""
+    head = f"{'async run':<24} {'saves':>5} {'stall med':>9} {'max':>6} {'snapshot':>8} {'reused':>7} "
+    head += f"{'sync save':>9} {'wall':>6} {'peak RSS':>9}"
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        name = f"max_pending_saves={r.get('max_pending_saves')}"
+        if r.get("error"):
+            lines.append(f"{name:<24} failed: {str(r['error'])[:150]}")
+            continue
+        lines.append(
+            f"{name:<24} {r['saves']:>5} {r['stall_s']:9.3f} {r['stall_max_s']:6.2f} {r['snapshot_s']:8.3f} "
+            f"{_num(r.get('snapshot_reused_s'), '7.3f')} {r['sync_save_s']:9.2f} {r['wall_s']:6.1f} "
+            f"{fmt_size(r['peak_rss_bytes']):>9}"
+        )
     return "\n".join(lines)
 
 
@@ -126,7 +185,7 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def plot(path: Path, records: Sequence[Record], title: str) -> str | None:
+def plot(path: Path, records: Sequence[Record], title: str, async_runs: Sequence[dict[str, Any]] = ()) -> str | None:
     """Bar charts of wall time, GB/s, client CPU-s/GB and peak RSS per method, save and load side by side.
 
     Returns None, or why no PNG was drawn (matplotlib missing).
@@ -160,19 +219,19 @@ def plot(path: Path, records: Sequence[Record], title: str) -> str | None:
                     ys.append(value)
             ax.bar(xs, ys, width, label=op, color=color)
         if name.startswith("wall"):
-            stalls = [(i, by[(m, "save")].stall_s) for i, m in enumerate(methods) if (m, "save") in by]
-            stalls = [(i, s) for i, s in stalls if s is not None]
-            if stalls:
+            stalls = [r for r in async_runs if not r.get("error") and r.get("stall_s") is not None]
+            for j, r in enumerate(stalls):
+                x = len(methods) + j
                 ax.bar(
-                    [i - 0.5 * width for i, _ in stalls],
-                    [s for _, s in stalls],
-                    width * 0.5,
-                    color="#c03030",
-                    label="async stall",
+                    [x - 0.5 * width], [r["stall_s"]], width, color="#c03030", label="async stall" if j == 0 else None
+                )
+                ax.bar(
+                    [x + 0.5 * width], [r["snapshot_s"]], width, color="#909090", label="snapshot" if j == 0 else None
                 )
         ax.set_title(name, fontsize=10)
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+        names = methods + [f"async p={r.get('max_pending_saves')}" for r in async_runs if not r.get("error")]
+        ax.set_xticks(range(len(names) if name.startswith("wall") else len(methods)))
+        ax.set_xticklabels(names if name.startswith("wall") else methods, rotation=30, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)

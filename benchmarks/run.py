@@ -1,13 +1,16 @@
-"""``make bench`` / ``s3ckpt bench``: s3ckpt side by side with what users would pick instead, and the limits.
+"""``make bench`` / ``s3ckpt bench``: s3ckpt at its defaults side by side with what users would pick instead.
 
 Starts a tuned embedded SeaweedFS, then measures every method's save and load of the same state dict, each
 measurement in a fresh process (:mod:`benchmarks.methods`), the methods taken in turn (round-robin, the order
-rotated every round) and the median of ``--runs`` runs reported. Writes ``benchmarks/results/<name>.json`` and
-``.png`` and prints the table and the ratios against the targets.
+rotated every round); each figure's median and minimum over ``--runs`` rounds are reported. Then a run of
+consecutive async saves (the stall a training step sees). ``--sweep`` first measures s3ckpt over a grid of
+part size x write concurrency (saves) and range size x read concurrency (loads), the table behind the
+defaults. Writes ``benchmarks/results/<name>.json`` and ``.png`` and prints the tables and the targets.
 
-    python -m benchmarks.run                      # 1 GiB, 3 runs, every method (about 8 minutes)
-    python -m benchmarks.run --quick              # 64 MiB, 1 run, no peers venv: a smoke test
-    python -m benchmarks.run --size 256MiB --methods s3ckpt,raw --runs 5 --name small
+    python -m benchmarks.run                          # 512 MiB, 5 rounds, the peers, async
+    python -m benchmarks.run --sweep                  # the defaults sweep first (512 MiB, confirmations at 1 GiB)
+    python -m benchmarks.run --quick                  # 64 MiB, 1 run, no peers venv: a smoke test
+    python -m benchmarks.run --size 1GiB --methods s3ckpt,raw --runs 5 --name big
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 from . import report
 from .forkserver import ForkServer
-from .peers import PeerEnv, ensure_peers, peer_requirements
+from .peers import PeerEnv, ensure_peers, peer_no_deps, peer_requirements
 from .stats import GB, MiB, Record, derived_ratios, fmt_size, median, parse_size, summarize
 from .workload import state_bytes
 
@@ -38,28 +41,34 @@ __all__ = ["ALL_METHODS", "main"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_METHODS = [
     "s3ckpt",
-    "s3ckpt-tuned",
-    "s3ckpt-async",
-    "nemo-ref",
-    "lightning-s3fs",
+    "s3ckpt-nemo-knobs",
+    "nemo",
     "s3torchconnector",
+    "lightning-s3fs",
+    "nemo-ref",
     "torch-tmpfs",
     "raw",
 ]
-QUICK_METHODS = ["s3ckpt", "s3ckpt-tuned", "s3ckpt-async", "nemo-ref", "torch-tmpfs", "raw"]
-PEER_METHODS = {"lightning-s3fs", "s3torchconnector"}
-SAVE_ONLY = {"s3ckpt-async"}
-DEFAULTS = {"chunk_size_MB": 64, "max_write_concurrency": 10, "max_read_concurrency": 15}
+DEFAULT_METHODS = ["s3ckpt", "s3ckpt-nemo-knobs", "nemo", "s3torchconnector", "torch-tmpfs", "raw"]
+QUICK_METHODS = ["s3ckpt", "s3ckpt-nemo-knobs", "nemo-ref", "torch-tmpfs", "raw"]
+PEER_METHODS = {"lightning-s3fs", "s3torchconnector", "nemo"}
+NEMO_KNOBS = {"chunk_size_MB": 64, "max_write_concurrency": 10, "max_read_concurrency": 15}
 FIXED_SETTINGS: dict[str, dict[str, Any]] = {
-    "s3ckpt": DEFAULTS,
-    "nemo-ref": DEFAULTS,
+    "s3ckpt": {},  # S3CheckpointIO(dirpath): no knob given, the defaults
+    "s3ckpt-nemo-knobs": NEMO_KNOBS,  # NeMo's YAML pasted verbatim
+    "nemo": {},  # NeMo 3.0.0 S3CheckpointIO(dirpath): its defaults (64 MiB x 10 write, x 15 read)
+    "nemo-ref": NEMO_KNOBS,
     "lightning-s3fs": {"fsspec": "s3fs defaults (50 MiB blocks)"},
-    "s3torchconnector": {"part_size_MB": 8},
+    "s3torchconnector": {"part_size_MB": 8},  # S3ClientConfig's default part size
     "torch-tmpfs": {},
     "raw": {"part_size_MB": 16, "concurrency": 8, "client": "boto3 low-level, unsigned payload, no checksums"},
 }
-SAVE_GRID = [{"chunk_size_MB": c, "max_write_concurrency": w} for c in (8, 16, 32) for w in (4, 8)]
-LOAD_GRID = [{"max_read_concurrency": r} for r in (4, 8)]
+# The defaults sweep (--sweep): saves over part size x write concurrency, loads over range x read concurrency.
+SAVE_GRID = [{"chunk_size_MB": c, "max_write_concurrency": w} for c in (8, 16, 32, 64) for w in (4, 8, 10)]
+LOAD_GRID = [{"read_chunk_size_MB": r, "max_read_concurrency": c} for r in (8, 16) for c in (4, 8, 15)]
+# A setting within this fraction of the fastest median counts as fastest; the cheapest in CPU of those wins.
+TIE = 0.05
+ASYNC_SETTINGS = {"saves": 10, "interval_factor": 1.2}
 BUCKET = "bench"
 _SEQ = itertools.count(1)  # unique spec and result file names across every Bench of the run
 
@@ -166,11 +175,10 @@ class Bench:
         """Save then (unless save-only) load one object; the load is skipped if the save failed."""
         saved = self.worker(method, "save", settings, key, size)
         loaded = None
-        if method not in SAVE_ONLY:
-            if saved.get("error"):
-                loaded = {"error": f"not loaded: the save failed ({saved['error'].splitlines()[0][:200]})"}
-            else:
-                loaded = self.worker(method, "load", settings, key, size)
+        if saved.get("error"):
+            loaded = {"error": f"not loaded: the save failed ({saved['error'].splitlines()[0][:200]})"}
+        else:
+            loaded = self.worker(method, "load", settings, key, size)
         if method == "torch-tmpfs":
             (self.tmpfs / (key.replace("/", "_") + ".pt")).unlink(missing_ok=True)
         return saved, loaded
@@ -186,38 +194,118 @@ class Bench:
         return time.monotonic() - self.t0
 
 
-def sweep(bench: Bench, size: int, runs: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Save over :data:`SAVE_GRID` and load over :data:`LOAD_GRID`, round-robin; best by median wall time."""
-    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in range(runs):
-        load_key = None
-        for i, cfg in enumerate(SAVE_GRID):
-            key = f"sweep/r{r}-save{i}"
-            res = bench.worker("s3ckpt-tuned", "save", {**DEFAULTS, **cfg}, key, size)
-            results.setdefault(("save", json.dumps(cfg)), []).append(res)
-            if not res.get("error") and (load_key is None or cfg["chunk_size_MB"] == 16):
-                load_key = key
-        for cfg in LOAD_GRID:
-            if load_key is None:
-                break
-            res = bench.worker("s3ckpt-tuned", "load", {**DEFAULTS, **cfg}, load_key, size)
-            results.setdefault(("load", json.dumps(cfg)), []).append(res)
+def _row(op: str, cfg: dict[str, Any], size: int, rs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rs if not r.get("error")]
+    gb = size / GB
+    cpu = median(r.get("cpu_s") for r in ok)
+    rss = median(r.get("peak_rss_bytes") for r in ok)
+    return {
+        "op": op,
+        "size_bytes": size,
+        "settings": cfg,
+        "wall_s": median(r.get("wall_s") for r in ok),
+        "wall_min_s": min((r["wall_s"] for r in ok), default=None),
+        "cpu_s_per_gb": cpu / gb if cpu is not None else None,
+        "peak_rss_bytes": int(rss) if rss is not None else None,
+        "runs": [r.get("wall_s") for r in rs],
+        "errors": [r["error"][:200] for r in rs if r.get("error")],
+    }
+
+
+def pick(table: list[dict[str, Any]], op: str, size: int | None = None) -> dict[str, Any] | None:
+    """The fastest setting by median wall; of those within :data:`TIE` of it, the one with the least CPU."""
+    rows = [r for r in table if r["op"] == op and r["wall_s"] is not None and (size is None or r["size_bytes"] == size)]
+    if not rows:
+        return None
+    best = min(r["wall_s"] for r in rows)
+    close = [r for r in rows if r["wall_s"] <= best * (1 + TIE)]
+    return min(close, key=lambda r: (r["cpu_s_per_gb"] if r["cpu_s_per_gb"] is not None else 1e9, r["wall_s"]))
+
+
+def sweep(
+    bench: Bench,
+    size: int,
+    runs: int,
+    confirm_size: int | None,
+    confirm_runs: int,
+    save_grid: list[dict[str, Any]] | None = None,
+    load_grid: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Saves over :data:`SAVE_GRID` and loads over :data:`LOAD_GRID` at ``size``, round-robin (order rotated
+    every run); then the best two of each, the defaults and NeMo's knobs again at ``confirm_size``."""
+    from s3ckpt.config import TransferConfig
+
+    defaults = TransferConfig()
+    default_save = {"chunk_size_MB": defaults.chunk_size_MB, "max_write_concurrency": defaults.max_write_concurrency}
+    default_load = {
+        "read_chunk_size_MB": defaults.read_chunk_size_MB,
+        "max_read_concurrency": defaults.max_read_concurrency,
+    }
+
+    def one(
+        sz: int, save_grid: list[dict[str, Any]], load_grid: list[dict[str, Any]], n: int, tag: str
+    ) -> list[dict[str, Any]]:
+        results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in range(n):
+            order = save_grid[r % len(save_grid) :] + save_grid[: r % len(save_grid)]
+            load_key = None
+            for i, cfg in enumerate(order):
+                key = f"sweep/{tag}-r{r}-save{i}"
+                res = bench.worker("s3ckpt", "save", cfg, key, sz)
+                results.setdefault(("save", json.dumps(cfg, sort_keys=True)), []).append(res)
+                # Loads read the object saved with the default parts (the store keeps one chunk per part,
+                # so the part size a checkpoint was saved with shapes its ranged reads), else the first one.
+                if not res.get("error") and (load_key is None or cfg == default_save):
+                    load_key = key
+            lorder = load_grid[r % len(load_grid) :] + load_grid[: r % len(load_grid)]
+            for cfg in lorder:
+                if load_key is None:
+                    break
+                res = bench.worker("s3ckpt", "load", cfg, load_key, sz)
+                results.setdefault(("load", json.dumps(cfg, sort_keys=True)), []).append(res)
+            bench.clean()
+        return [_row(op, json.loads(cfg), sz, rs) for (op, cfg), rs in results.items()]
+
+    table = one(size, save_grid or SAVE_GRID, load_grid or LOAD_GRID, runs, "a")
+    confirm: list[dict[str, Any]] = []
+    if confirm_size:
+
+        def top(op: str, default: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]]:
+            rows = sorted((r for r in table if r["op"] == op and r["wall_s"] is not None), key=lambda r: r["wall_s"])
+            cands = [r["settings"] for r in rows[:2]] + [default, extra]
+            return [json.loads(c) for c in dict.fromkeys(json.dumps(c, sort_keys=True) for c in cands)]
+
+        nemo_save = {"chunk_size_MB": 64, "max_write_concurrency": 10}
+        nemo_load = {"read_chunk_size_MB": 16, "max_read_concurrency": 15}
+        confirm = one(
+            confirm_size, top("save", default_save, nemo_save), top("load", default_load, nemo_load), confirm_runs, "c"
+        )
+    full = table + confirm
+    return {
+        "size_bytes": size,
+        "runs": runs,
+        "confirm_size_bytes": confirm_size,
+        "confirm_runs": confirm_runs,
+        "rule": f"fastest median wall; of the settings within {TIE:.0%} of it, the least client CPU-s/GB",
+        "table": full,
+        "best_save": (pick(table, "save") or {}).get("settings"),
+        "best_load": (pick(table, "load") or {}).get("settings"),
+        "best_save_confirm": (pick(confirm, "save") or {}).get("settings") if confirm else None,
+        "best_load_confirm": (pick(confirm, "load") or {}).get("settings") if confirm else None,
+        "defaults": {**default_save, **default_load},
+    }
+
+
+def async_phase(bench: Bench, size: int, pendings: Sequence[int]) -> list[dict[str, Any]]:
+    """One run of consecutive async saves per ``max_pending_saves`` value (see ``methods._async_run``)."""
+    out = []
+    for pending in pendings:
+        settings = {**ASYNC_SETTINGS, "max_pending_saves": pending}
+        res = bench.worker("s3ckpt-async", "save", settings, f"async/p{pending}", size)
+        res["max_pending_saves"] = pending
+        out.append(res)
         bench.clean()
-    table = [
-        {
-            "op": op,
-            "settings": json.loads(cfg),
-            "wall_s": median(r.get("wall_s") for r in rs if not r.get("error")),
-            "runs": [r.get("wall_s") for r in rs],
-        }
-        for (op, cfg), rs in results.items()
-    ]
-    best = dict(DEFAULTS)
-    for op in ("save", "load"):
-        measured = [row for row in table if row["op"] == op and row["wall_s"] is not None]
-        if measured:
-            best.update(min(measured, key=lambda row: row["wall_s"])["settings"])
-    return best, table
+    return out
 
 
 def compare_servers(args: argparse.Namespace, workdir: Path, size: int, main_bench: Bench) -> dict[str, Any]:
@@ -241,27 +329,57 @@ def compare_servers(args: argparse.Namespace, workdir: Path, size: int, main_ben
     return out
 
 
+_GRID_ARGS = ("sweep_parts", "sweep_writers", "sweep_ranges", "sweep_readers")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="s3ckpt bench", description=__doc__.splitlines()[0])
-    p.add_argument("--size", default=None, help="state dict size, e.g. 256MiB, 1GiB (default 1GiB; --quick 64MiB)")
-    p.add_argument("--quick", action="store_true", help="small size, 1 run each, no peers venv")
-    p.add_argument("--runs", type=int, default=None, help="runs per method (median reported; default 3)")
+    p.add_argument("--size", default=None, help="state dict size, e.g. 256MiB, 1GiB (default 512MiB; --quick 64MiB)")
+    p.add_argument("--quick", action="store_true", help="small size, 1 run each, no peers venv, no async run")
+    p.add_argument("--runs", type=int, default=None, help="rounds of every method (median and min; default 5)")
     p.add_argument("--methods", default=None, help=f"comma-separated, or 'all': {','.join(ALL_METHODS)}")
     p.add_argument("--name", default=None, help="results/<name>.json and .png (default 'latest'; --quick 'quick')")
-    p.add_argument("--sweep-size", default=None, help="state size for the settings sweep (default min(size, 256MiB))")
+    p.add_argument("--sweep", action="store_true", help="first sweep part size x concurrency (the defaults' table)")
+    p.add_argument("--sweep-size", default=None, help="state size of the sweep (default 512MiB; --quick 64MiB)")
     p.add_argument("--sweep-runs", type=int, default=None, help="runs per sweep setting (default 2; --quick 1)")
-    p.add_argument("--no-server-compare", action="store_true", help="skip the default-vs-tuned server raw PUT")
+    p.add_argument("--sweep-parts", default="8,16,32,64", help="sweep: part sizes in MiB (default 8,16,32,64)")
+    p.add_argument("--sweep-writers", default="4,8,10", help="sweep: write concurrencies (default 4,8,10)")
+    p.add_argument("--sweep-ranges", default="8,16", help="sweep: ranged-GET sizes in MiB (default 8,16)")
+    p.add_argument("--sweep-readers", default="4,8,15", help="sweep: read concurrencies (default 4,8,15)")
+    p.add_argument("--confirm-size", default=None, help="size of the sweep's confirmations (default 1GiB; 0: none)")
+    p.add_argument("--confirm-runs", type=int, default=None, help="runs per confirmation (default 1)")
+    p.add_argument("--no-async", action="store_true", help="skip the run of consecutive async saves")
+    p.add_argument("--async-pending", default="2,1", help="max_pending_saves values of the async runs (default 2,1)")
+    p.add_argument("--server-compare", action="store_true", help="also a raw PUT against a default-flag server")
     p.add_argument("--no-peer-install", action="store_true", help="use the peers venv only if it already exists")
     p.add_argument("--spawn", action="store_true", help="a new interpreter per measurement, not a forked child")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     args = p.parse_args(argv)
-    args.size = parse_size(args.size or ("64MiB" if args.quick else "1GiB"))
-    args.runs = args.runs or (1 if args.quick else 3)
+    args.size = parse_size(args.size or ("64MiB" if args.quick else "512MiB"))
+    args.runs = args.runs or (1 if args.quick else 5)
     args.sweep_runs = args.sweep_runs or (1 if args.quick else 2)
-    args.sweep_size = parse_size(args.sweep_size) if args.sweep_size else min(args.size, 256 * MiB)
+    args.sweep_size = parse_size(args.sweep_size) if args.sweep_size else min(args.size, 512 * MiB)
+    if args.confirm_size in (None, ""):
+        args.confirm_size = None if args.quick else 1024 * MiB
+    else:
+        args.confirm_size = None if args.confirm_size == "0" else parse_size(args.confirm_size)
+    args.confirm_runs = args.confirm_runs or 1
+    args.async_pending = [int(x) for x in str(args.async_pending).split(",") if x.strip()]
+    ints = {k: [int(x) for x in str(getattr(args, k)).split(",") if x.strip()] for k in _GRID_ARGS}
+    args.save_grid = [
+        {"chunk_size_MB": c, "max_write_concurrency": w} for c in ints["sweep_parts"] for w in ints["sweep_writers"]
+    ]
+    args.load_grid = [
+        {"read_chunk_size_MB": r, "max_read_concurrency": c}
+        for r in ints["sweep_ranges"]
+        for c in ints["sweep_readers"]
+    ]
+    args.run_async = not (args.no_async or args.quick)
     args.name = args.name or ("quick" if args.quick else "latest")
-    if args.methods in (None, "") or args.methods == "all":
-        args.methods = list(QUICK_METHODS if args.quick and args.methods is None else ALL_METHODS)
+    if args.methods in (None, ""):
+        args.methods = list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    elif args.methods == "all":
+        args.methods = list(ALL_METHODS)
     else:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = sorted(set(args.methods) - set(ALL_METHODS))
@@ -280,10 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     size, methods = args.size, args.methods
     nbytes = state_bytes(size)
-    _log(f"benchmark {args.name!r}: state {fmt_size(nbytes)}, {args.runs} run(s), methods {','.join(methods)}")
+    _log(f"benchmark {args.name!r}: state {fmt_size(nbytes)}, {args.runs} round(s), methods {','.join(methods)}")
     peers = ensure_peers(install=not args.no_peer_install) if PEER_METHODS & set(methods) else None
     machine = report.machine_info()
     workdir = Path(tempfile.mkdtemp(prefix="s3ckpt-bench-"))
+    sweep_doc: dict[str, Any] | None = None
+    async_runs: list[dict[str, Any]] = []
     try:
         with contextlib.ExitStack() as stack:
             server = stack.enter_context(bench_server.start_server(workdir / "weed", tuned=True))
@@ -291,15 +411,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = Bench(args, server, peers, workdir)
             stack.callback(bench.close)
             phases: dict[str, float] = {"setup": time.time() - started}
-            compare = None if args.no_server_compare else compare_servers(args, workdir, size, bench)
-            phases["server_compare"] = time.time() - started - sum(phases.values())
-            tuned: dict[str, Any] = dict(DEFAULTS)
-            sweep_table: list[dict[str, Any]] = []
-            if {"s3ckpt-tuned", "s3ckpt-async"} & set(methods):
-                tuned, sweep_table = sweep(bench, args.sweep_size, args.sweep_runs)
-                _log(f"[{bench.elapsed():6.0f}s] best settings: {tuned}")
-            phases["sweep"] = time.time() - started - sum(phases.values())
-            settings = {**FIXED_SETTINGS, "s3ckpt-tuned": tuned, "s3ckpt-async": tuned}
+            compare = compare_servers(args, workdir, size, bench) if args.server_compare else None
+            if args.sweep:
+                sweep_doc = sweep(
+                    bench,
+                    args.sweep_size,
+                    args.sweep_runs,
+                    args.confirm_size,
+                    args.confirm_runs,
+                    args.save_grid,
+                    args.load_grid,
+                )
+                phases["sweep"] = time.time() - started - sum(phases.values())
+                _log(
+                    f"[{bench.elapsed():6.0f}s] sweep: best save {sweep_doc['best_save']}, "
+                    f"load {sweep_doc['best_load']}"
+                )
+            settings = dict(FIXED_SETTINGS)
             runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
             for r in range(args.runs):
                 order = methods[r % len(methods) :] + methods[: r % len(methods)]
@@ -310,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         runs.setdefault((method, "load"), []).append(loaded)
                 bench.clean()
                 phases[f"round_{r + 1}"] = time.time() - started - sum(phases.values())
+            if args.run_async:
+                async_runs = async_phase(bench, size, args.async_pending)
+                phases["async"] = time.time() - started - sum(phases.values())
             server_meta = bench_server.server_info(server, tuned=True)
     except Exception as exc:
         traceback.print_exc()
@@ -324,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rec = summarize(method, op, nbytes, runs[(method, op)], settings=settings[method])
                 rec.label = report.LABELS.get(method, "")
                 records.append(rec)
-    ratios = derived_ratios(records, nbytes)
+    ratios = derived_ratios(records, nbytes, async_runs)
     machine["load_avg_at_end"] = os.getloadavg()
     doc = {
         "name": args.name,
@@ -337,30 +468,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": args.runs,
             "methods": methods,
             "quick": args.quick,
-            "sweep_size": args.sweep_size,
-            "sweep_runs": args.sweep_runs,
-            "tuned_settings": tuned,
+            "async": {**ASYNC_SETTINGS, "max_pending_saves": args.async_pending} if args.run_async else None,
             "bytes": "tensor bytes of the state dict (the same for every method); GB = 1e9 bytes",
             "processes": "a new interpreter per measurement" if args.spawn else "a child forked per measurement",
-            "measurement": "each figure in a fresh process; medians; wall = operation only; CPU = client "
-            "user+system over the operation, all threads; peak RSS = VmHWM minus RSS before the operation "
-            "(save: above the state dict; load: above a fresh process, includes the loaded tensors)",
+            "measurement": "each figure in a fresh process; methods alternate (order rotated every round); "
+            "median and min over the rounds; wall = operation only; CPU = client user+system over the "
+            "operation, all threads; peak RSS = VmHWM minus RSS before the operation (save: above the state "
+            "dict; load: above a fresh process, includes the loaded tensors). The host is shared: compare "
+            "figures within one run",
         },
         "machine": machine,
         "server": {**server_meta, "default_vs_tuned_raw_put": compare},
-        "peers": None if peers is None else {**peers.__dict__, "requirements": peer_requirements()},
-        "sweep": sweep_table,
+        "peers": None
+        if peers is None
+        else {**peers.__dict__, "requirements": peer_requirements(), "no_deps": peer_no_deps()},
+        "sweep": sweep_doc,
         "records": [r.to_json() for r in records],
+        "async": async_runs,
         "ratios": [q.to_json() for q in ratios],
     }
     json_path = args.results_dir / f"{args.name}.json"
     report.write_json(json_path, doc)
-    title = f"s3ckpt bench '{args.name}': {fmt_size(nbytes)} state, median of {args.runs}, {machine['cpu_model']}"
-    png_note = report.plot(args.results_dir / f"{args.name}.png", records, title)
+    title = f"s3ckpt bench '{args.name}': {fmt_size(nbytes)} state, {args.runs} rounds (median), {machine['cpu_model']}"
+    png_note = report.plot(args.results_dir / f"{args.name}.png", records, title, async_runs)
+    if sweep_doc:
+        print(report.format_sweep(sweep_doc))
+        print()
     print(report.format_table(records))
+    if async_runs:
+        print()
+        print(report.format_async(async_runs))
     print()
     print(report.format_ratios(ratios))
-    print(f"\nsettings of s3ckpt-tuned / s3ckpt-async (sweep at {fmt_size(args.sweep_size)}): {tuned}")
     print("server flags: " + " ".join(server_meta["command_flags"]))
     if compare:
         print(report.format_compare(compare))

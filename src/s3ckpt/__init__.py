@@ -28,10 +28,13 @@ from .errors import (
     S3NotFoundError,
     S3TransferError,
     UnsafeCheckpointError,
+    UnverifiableCheckpointError,
 )
 
 if TYPE_CHECKING:
     from .checkpoint import SaveStats, VerifyResult, delete, load, save, verify
+    from .checkpoint_copy import CopyStats, copy
+    from .inspection import CheckpointSummary, inspect
     from .lightning.checkpoint_io import S3CheckpointIO
     from .s3_utils import S3Utils
 
@@ -40,9 +43,11 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointCorruptedError",
     "CheckpointNotFoundError",
+    "CheckpointSummary",
     "ClientConfig",
     "ConfigError",
     "ConflictError",
+    "CopyStats",
     "ResumeError",
     "RetryConfig",
     "S3AccessDeniedError",
@@ -54,8 +59,11 @@ __all__ = [
     "SaveStats",
     "TransferConfig",
     "UnsafeCheckpointError",
+    "UnverifiableCheckpointError",
     "VerifyResult",
+    "copy",
     "delete",
+    "inspect",
     "load",
     "save",
     "verify",
@@ -69,6 +77,10 @@ _LAZY = {
     "load": "checkpoint",
     "save": "checkpoint",
     "verify": "checkpoint",
+    "inspect": "inspection",
+    "CheckpointSummary": "inspection",
+    "copy": "checkpoint_copy",
+    "CopyStats": "checkpoint_copy",
     "S3Utils": "s3_utils",
     "S3CheckpointIO": "lightning.checkpoint_io",
 }

@@ -4,7 +4,13 @@ One worker thread runs saves and removals in the order they were asked for. The 
 (and that NeMo's and Lightning's async modes lack):
 
 * **Back-pressure.** At most ``max_pending`` saves are queued or running; a new one waits for room
-  *before* its snapshot is taken, so host memory holds at most ``max_pending`` snapshots.
+  *before* its snapshot is taken, so host memory holds at most ``max_pending`` snapshots (plus the part
+  buffers of the one upload running: ``(max_write_concurrency + 1) x chunk_size``). The default of 2 lets
+  the next save snapshot and return while the previous one is still uploading: in the steady state (uploads
+  keep up on average) a training step stalls for its snapshot only, never for the previous upload.
+* **Copies after commit.** :meth:`submit_after_commit` (``save_last="link"``: ``last.ckpt`` as a
+  server-side copy of the newest top-k file) runs only after the saves pending when it was asked for have
+  committed, and is cancelled if one of them failed: a copy is never made of an uncommitted object.
 * **Removal after commit.** A removal runs only after every save that was pending (or had failed unseen)
   when it was asked for has committed. If any of those saves failed, the removal is cancelled and the old
   checkpoint stays: top-k retention never deletes the last good checkpoint because a newer save failed.
@@ -35,9 +41,10 @@ class AsyncSaver:
 
     Args:
         max_pending: saves allowed queued or running at once (>= 1). A new save blocks until one finishes.
+            Host memory: up to ``max_pending`` snapshots.
     """
 
-    def __init__(self, max_pending: int = 1) -> None:
+    def __init__(self, max_pending: int = 2) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending={max_pending!r}: at least one save must be allowed in flight")
         self.max_pending = max_pending
@@ -45,6 +52,7 @@ class AsyncSaver:
         self._executor: ThreadPoolExecutor | None = None
         self._seq = 0
         self._pending_saves: dict[int, str] = {}
+        self._pending_after: dict[int, str] = {}  # copies queued behind saves (labels for wait_for)
         self._failed: dict[int, BaseException] = {}
         self._unseen: list[tuple[int, BaseException]] = []
         self._futures: set[Future[Any]] = set()
@@ -80,6 +88,19 @@ class AsyncSaver:
             deps = set(self._pending_saves) | {seq for seq, _ in self._unseen}
         return self._submit(self._run_removal, deps, label, fn, on_cancel)
 
+    def submit_after_commit(
+        self, label: str, fn: Callable[[], Any], on_cancel: Callable[[], Any] | None = None
+    ) -> Future[Any]:
+        """Queue ``fn`` (a copy of a checkpoint) to run once every save pending now has committed; if one
+        failed, ``fn`` never runs and ``on_cancel`` is called instead. :meth:`wait_for` ``(label)`` waits for
+        it too; a failure of ``fn`` is raised like a save's."""
+        with self._cond:
+            self._seq += 1
+            seq = self._seq
+            deps = set(self._pending_saves) | {s for s, _ in self._unseen}
+            self._pending_after[seq] = label
+        return self._submit(self._run_after_commit, seq, deps, label, fn, on_cancel)
+
     def is_pending(self, label: str) -> bool:
         with self._cond:
             return label in self._pending_saves.values()
@@ -87,7 +108,7 @@ class AsyncSaver:
     def wait_for(self, label: str) -> None:
         """Block until no save of ``label`` is pending (read-your-writes for a load of the same path)."""
         with self._cond:
-            while label in self._pending_saves.values():
+            while label in self._pending_saves.values() or label in self._pending_after.values():
                 self._cond.wait()
 
     def raise_if_failed(self) -> None:
@@ -174,3 +195,26 @@ class AsyncSaver:
             with self._cond:
                 self._unseen.append((-1, exc))
             raise
+
+    def _run_after_commit(
+        self, seq: int, deps: set[int], label: str, fn: Callable[[], Any], on_cancel: Callable[[], Any] | None
+    ) -> Any:
+        try:
+            with self._cond:
+                failed = sorted(d for d in deps if d in self._failed)
+            if failed:
+                log.warning("not writing %s: the save it copies failed, so it was never committed", label)
+                if on_cancel is not None:
+                    on_cancel()
+                return None
+            try:
+                return fn()
+            except BaseException as exc:
+                log.error("background copy to %s failed: %s", label, exc)
+                with self._cond:
+                    self._unseen.append((-1, exc))
+                raise
+        finally:
+            with self._cond:
+                self._pending_after.pop(seq, None)
+                self._cond.notify_all()

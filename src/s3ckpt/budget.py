@@ -5,12 +5,20 @@ prefix; past that it answers ``503 SlowDown`` until it has split the prefix, whi
 checkpoint save of a model-parallel job sends ``max_write_concurrency`` part uploads from each of the
 ``tp * pp`` ranks that write a shard, all under one checkpoint directory; a resume reads the same way.
 
-NeMo's rule, kept here: ``concurrency * tp * pp * 1.15 <= limit``. Requests in flight stand in for requests
-per second because one multipart request of the default 64 MiB part takes about a second on one connection
-(60-100 MB/s), and the 15 % headroom covers the manifests, listings and retries around the parts.
+The model: each connection sends about ``connection_MBps / part_size_MB`` requests per second (a part
+of 16 MiB at ~100 MiB/s per connection is ~6 requests/s), so a rank with ``concurrency`` connections sends
+``concurrency x max(1, connection_MBps / part_size_MB)`` per second, and ``tp * pp`` ranks (x readers per
+shard on a load) share one prefix; 15 % headroom covers manifests, listings and retries:
 
-The fix when the budget is exceeded: lower the concurrency, or spread the writers over several prefixes
-with :func:`spread_key`, each of which S3 can serve at the full rate.
+    requests/s per prefix = concurrency x max(1, connection_MBps / part_MB) x tp x pp x 1.15 / n_prefixes
+
+against 3,500 writes and 5,500 reads per second. Smaller parts (or ranges) mean more requests per byte.
+NeMo's rule ``concurrency * tp * pp * 1.15 <= limit`` (one request per connection per second, true of
+its 64 MiB parts on a slow connection) is the floor of this model and what you get without part sizes.
+
+The fix when the budget is exceeded, which the warning names with numbers: larger parts
+(``chunk_size_MB`` / ``read_chunk_size_MB``), lower concurrency, or spread the writers over several
+prefixes with :func:`spread_key`, each of which S3 can serve at the full rate.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from .errors import ConfigError
 from .s3_dirpath_utils import build_s3_url, parse_s3_url
 
 __all__ = [
+    "DEFAULT_CONNECTION_MBPS",
     "DEFAULT_HEADROOM",
     "S3_READS_PER_PREFIX",
     "S3_WRITES_PER_PREFIX",
@@ -40,6 +49,9 @@ log = logging.getLogger(__name__)
 S3_WRITES_PER_PREFIX = 3500
 S3_READS_PER_PREFIX = 5500
 DEFAULT_HEADROOM = 1.15
+# Throughput of one S3 connection in MiB/s, for the request-rate model: AWS quotes 85-90 MB/s per
+# connection from EC2, and one loopback connection to SeaweedFS reached about the same per part here.
+DEFAULT_CONNECTION_MBPS = 100.0
 
 
 @dataclass(frozen=True)
@@ -47,11 +59,17 @@ class RequestBudget:
     """The request rates a configuration asks of one prefix, against S3's limits."""
 
     writes: float
-    """``max_write_concurrency * tp * pp * headroom / n_prefixes``."""
+    """Write requests per second per prefix: ``max_write_concurrency x write_rate x tp x pp x headroom /
+    n_prefixes``, where ``write_rate = max(1, connection_MBps / part_size_MB)`` (1 without a part size)."""
     reads: float
-    """``max_read_concurrency * tp * pp * readers * headroom / n_prefixes``."""
+    """Read requests per second per prefix: as ``writes`` with the read concurrency and range size, times the
+    readers per shard."""
     write_limit: int = S3_WRITES_PER_PREFIX
     read_limit: int = S3_READS_PER_PREFIX
+    write_rate: float = 1.0
+    """Requests per second one write connection sends (``max(1, connection_MBps / part_size_MB)``)."""
+    read_rate: float = 1.0
+    """Requests per second one read connection sends (``max(1, connection_MBps / read_size_MB)``)."""
 
     @property
     def writes_ok(self) -> bool:
@@ -72,6 +90,15 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
+def _rate(owner: str, size_MB: float | None, connection_MBps: float) -> float:
+    """Requests per second of one connection moving parts of ``size_MB`` (NeMo's floor: 1)."""
+    if size_MB is None:
+        return 1.0
+    if isinstance(size_MB, bool) or not isinstance(size_MB, int | float) or not size_MB > 0:
+        raise ConfigError(f"check_request_budget: {owner} must be a positive number of MiB, got {size_MB!r}")
+    return max(1.0, connection_MBps / size_MB)
+
+
 def check_request_budget(
     max_write_concurrency: int,
     max_read_concurrency: int,
@@ -82,8 +109,15 @@ def check_request_budget(
     headroom: float = DEFAULT_HEADROOM,
     n_prefixes: int = 1,
     readers_per_shard: int = 1,
+    part_size_MB: float | None = None,
+    read_size_MB: float | None = None,
+    connection_MBps: float = DEFAULT_CONNECTION_MBPS,
 ) -> RequestBudget:
-    """Check ``concurrency * tp * pp * headroom`` against 3,500 writes / 5,500 reads per second per prefix.
+    """Check the requests per second a configuration sends to one prefix against 3,500 writes / 5,500 reads.
+
+    ``concurrency x max(1, connection_MBps / part_size_MB) x tp x pp x headroom / n_prefixes`` (reads also
+    x ``readers_per_shard``). Without part sizes this is NeMo's rule ``concurrency * tp * pp * 1.15``, the
+    floor of the model.
 
     Args:
         max_write_concurrency: part uploads in flight per saving rank.
@@ -95,13 +129,16 @@ def check_request_budget(
         n_prefixes: prefixes the writers are spread over (:func:`spread_key`); each has its own limit.
         readers_per_shard: ranks reading each shard at once on resume: data-parallel replicas that load on
             their own; the number of nodes with :func:`s3ckpt.distributed_load.load_shared`.
+        part_size_MB: multipart part size in MiB (``chunk_size_MB``); None for NeMo's floor.
+        read_size_MB: ranged-GET size in MiB (``read_chunk_size_MB``); None for NeMo's floor.
+        connection_MBps: throughput of one connection in MiB/s (default 100, AWS's per-connection figure).
 
     Returns:
         The computed rates (also when they exceed the limits and ``strict`` is off).
 
     Raises:
         ConfigError: an argument is not a positive number, or (``strict``) a rate exceeds its limit; the
-            message names the numbers and the fix.
+            message names the numbers and the knob to change.
     """
     write_c = _positive("max_write_concurrency", max_write_concurrency)
     read_c = _positive("max_read_concurrency", max_read_concurrency)
@@ -110,18 +147,46 @@ def check_request_budget(
     readers = _positive("readers_per_shard", readers_per_shard)
     if isinstance(headroom, bool) or not isinstance(headroom, int | float) or not headroom >= 1.0:
         raise ConfigError(f"check_request_budget: headroom must be a number >= 1.0, got {headroom!r}")
+    if isinstance(connection_MBps, bool) or not isinstance(connection_MBps, int | float) or not connection_MBps > 0:
+        raise ConfigError(f"check_request_budget: connection_MBps must be a positive number, got {connection_MBps!r}")
+    write_rate = _rate("part_size_MB", part_size_MB, connection_MBps)
+    read_rate = _rate("read_size_MB", read_size_MB, connection_MBps)
     budget = RequestBudget(
-        writes=write_c * shards * headroom / prefixes,
-        reads=read_c * shards * readers * headroom / prefixes,
+        writes=write_c * write_rate * shards * headroom / prefixes,
+        reads=read_c * read_rate * shards * readers * headroom / prefixes,
+        write_rate=write_rate,
+        read_rate=read_rate,
     )
     problems = []
     if not budget.writes_ok:
         problems.append(
-            _explain("write", "max_write_concurrency", write_c, shards, 1, headroom, prefixes, S3_WRITES_PER_PREFIX)
+            _explain(
+                "write",
+                ("max_write_concurrency", write_c),
+                ("chunk_size_MB", part_size_MB),
+                write_rate,
+                shards,
+                1,
+                headroom,
+                prefixes,
+                S3_WRITES_PER_PREFIX,
+                connection_MBps,
+            )
         )
     if not budget.reads_ok:
         problems.append(
-            _explain("read", "max_read_concurrency", read_c, shards, readers, headroom, prefixes, S3_READS_PER_PREFIX)
+            _explain(
+                "read",
+                ("max_read_concurrency", read_c),
+                ("read_chunk_size_MB", read_size_MB),
+                read_rate,
+                shards,
+                readers,
+                headroom,
+                prefixes,
+                S3_READS_PER_PREFIX,
+                connection_MBps,
+            )
         )
     if problems:
         message = " ".join(problems)
@@ -133,19 +198,38 @@ def check_request_budget(
 
 
 def _explain(
-    kind: str, knob: str, concurrency: int, shards: int, readers: int, headroom: float, prefixes: int, limit: int
+    kind: str,
+    knob: tuple[str, int],
+    size_knob: tuple[str, float | None],
+    rate: float,
+    shards: int,
+    readers: int,
+    headroom: float,
+    prefixes: int,
+    limit: int,
+    connection_MBps: float,
 ) -> str:
-    rate = concurrency * shards * readers * headroom / prefixes
-    fits = math.floor(limit * prefixes / (shards * readers * headroom))
-    need = math.ceil(concurrency * shards * readers * headroom / limit)
+    name, concurrency = knob
+    size_name, size = size_knob
+    ranks = shards * readers
+    total = concurrency * rate * ranks * headroom / prefixes
+    fits = math.floor(limit * prefixes / (ranks * headroom * rate))
+    need = math.ceil(total / limit)
     readers_text = f" x {readers} readers per shard" if readers > 1 else ""
     prefix_text = f" / {prefixes} prefixes" if prefixes > 1 else ""
-    lower = f"lower {knob} to {fits}" if fits >= 1 else f"{knob} cannot go low enough (even 1 is too much)"
+    rate_text = f" x {rate:.3g} requests/s per connection ({connection_MBps:g} MiB/s / {size:g} MiB)" if size else ""
+    fixes = []
+    # Larger parts lower the per-connection rate, down to NeMo's floor of one request per second.
+    floor = concurrency * ranks * headroom / prefixes
+    if size is not None and rate > 1.0 and floor <= limit:
+        per_conn = limit * prefixes / (concurrency * ranks * headroom)
+        fixes.append(f"raise {size_name} to {math.ceil(connection_MBps / per_conn)} (fewer, larger requests)")
+    fixes.append(f"lower {name} to {fits}" if fits >= 1 else f"{name} cannot go low enough (even 1 is too much)")
+    fixes.append(f"spread the checkpoint keys over at least {need} prefixes (s3ckpt.budget.spread_key)")
     return (
-        f"S3 {kind} budget exceeded: {knob}={concurrency} x tp*pp={shards}{readers_text} x headroom {headroom:g}"
-        f"{prefix_text} = {rate:,.0f} {kind}s/s per prefix, over S3's {limit:,} per prefix; S3 would answer "
-        f"503 SlowDown. Fix: {lower}, or spread the checkpoint keys over at least {need} prefixes "
-        "(s3ckpt.budget.spread_key)."
+        f"S3 {kind} budget exceeded: {name}={concurrency}{rate_text} x tp*pp={shards}{readers_text} x headroom "
+        f"{headroom:g}{prefix_text} = {total:,.0f} {kind}s/s per prefix, over S3's {limit:,} per prefix; S3 "
+        f"would answer 503 SlowDown. Fix: {', or '.join(fixes)}."
     )
 
 

@@ -87,6 +87,14 @@ class CheckpointEntry:
     def name(self) -> str:
         return self.url.rstrip("/").rsplit("/", 1)[-1]
 
+    @property
+    def copy_of(self) -> str | None:
+        """For a server-side copy (``save_last="link"``'s ``last.ckpt``): the key it was copied from, as its
+        manifest records it (listed ``with_manifests``); None otherwise. The copy is a checkpoint of its own:
+        deleting its source leaves it whole."""
+        source = self.manifest.meta.get("copy_of") if self.manifest is not None else None
+        return str(source) if source else None
+
 
 def _is_checkpoint_key(key: str) -> bool:
     return key.endswith(CHECKPOINT_SUFFIXES)

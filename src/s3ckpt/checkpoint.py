@@ -1,8 +1,10 @@
 """The plain-PyTorch API: :func:`save`, :func:`load`, :func:`verify` and :func:`delete` one checkpoint object.
 
 ``save`` streams ``torch.save`` into a multipart upload (never a whole serialized copy in memory), then
-writes the manifest. ``load`` downloads with parallel ranged GETs into an in-memory file, checks its CRC32C
-*before* unpickling anything, and maps the tensors onto it.
+writes the manifest. ``load`` downloads with parallel ranged GETs into an in-memory file, computing the
+checksum the store or the manifest recorded (CRC32C for s3ckpt's own saves; CRC32, CRC64NVME, SHA or a
+composite checksum for other tools' uploads) while the bytes arrive, checks it *before* unpickling
+anything, and maps the tensors onto it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointCorruptedError, CheckpointNotFoundError, S3NotFoundError
-from .layout import expected_crc32c, manifest_key, summarize_meta, write_manifest
+from .errors import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    S3NotFoundError,
+    UnverifiableCheckpointError,
+)
+from .layout import Expected, expected_checksum, manifest_key, summarize_meta, write_manifest
 from .s3_dirpath_utils import parse_s3_url
 from .serialization import LoadBuffer, load_from_buffer, save_to_stream
 from .transport import ops
+from .transport.checksums import RangeDigest
 from .transport.context import S3Transport
 from .transport.download import download_into
 from .transport.upload import MultipartWriter
@@ -84,7 +92,7 @@ def save(
     max_write_concurrency: int | None = None,
     if_none_match: bool = False,
     progress: Callable[[int], None] | None = None,
-    zip_crc32: bool = False,
+    zip_crc32: bool = True,
 ) -> SaveStats:
     """``torch.save(obj)`` straight into ``url``, streaming, with a CRC32C recorded for :func:`load`.
 
@@ -99,8 +107,10 @@ def save(
         chunk_size_MB, max_write_concurrency: override the transport's knobs for this call.
         if_none_match: refuse to replace an existing object (raises :class:`ConflictError`).
         progress: called with byte counts as parts are stored.
-        zip_crc32: also compute the zip format's per-record CRC-32 (see
-            :func:`s3ckpt.serialization.save_to_stream`; off by default, the CRC32C covers every byte).
+        zip_crc32: write the zip format's per-record CRC-32, so the object is a valid zip that
+            ``zipfile``, model scanners and ``torch.load`` all accept (the default). ``False`` skips it to
+            save about 0.2 CPU-s per GiB, leaving a file only torch reads (see
+            :func:`s3ckpt.serialization.save_to_stream`).
 
     Returns:
         :class:`SaveStats` (bytes, seconds, CRC32C, ETag).
@@ -128,11 +138,16 @@ def _download_verified(
     verify: bool | str,
     progress: Callable[[int], None] | None,
     recorded: tuple[int, str] | None = None,
-) -> tuple[LoadBuffer, str, int | None]:
-    """Download ``url`` into a :class:`LoadBuffer` and check its CRC32C against the recorded one.
+) -> tuple[LoadBuffer, str, Expected | None]:
+    """Download ``url`` into a :class:`LoadBuffer`, checking it against the recorded checksum as it arrives.
 
-    Returns the buffer, where the expected CRC32C came from, and the CRC32C computed (None if unchecked).
-    ``recorded`` is a ``(crc32c, source)`` kept elsewhere (a DCP sidecar), used when the store keeps none.
+    Returns the buffer, where the expected checksum came from (or why there is none), and the checksum the
+    bytes were verified against (None if unchecked). ``recorded`` is a ``(crc32c, source)`` kept elsewhere
+    (a DCP sidecar), used when the store keeps no CRC32C.
+
+    Raises:
+        CheckpointCorruptedError: the bytes do not match.
+        UnverifiableCheckpointError: ``verify="require"`` and nothing to check against.
     """
     bucket, key = parse_s3_url(url, require_key=True)
     try:
@@ -143,27 +158,33 @@ def _download_verified(
         except S3NotFoundError as bucket_exc:
             raise CheckpointNotFoundError(str(bucket_exc)) from exc
         raise CheckpointNotFoundError(f"checkpoint not found: {url}") from exc
+    expected: Expected | None = None
     if not verify:
-        expected, source = None, "verification off"
-    elif recorded is not None and info.checksum_crc32c is None:
-        expected, source = recorded
+        source = "verification off"
     else:
-        expected, source = expected_crc32c(t, info)
+        expected, why = expected_checksum(t, info, recorded=recorded)
+        source = expected.source if expected is not None else why
+        if expected is None and verify == "require":
+            raise UnverifiableCheckpointError(
+                f"{url} cannot be verified: {why}. Load it with verify=True (warns) or verify=False if you "
+                "trust where it came from."
+            )
     buf = LoadBuffer(info.size)
     try:
-        download_into(t, info, buf.view, progress=progress)
-        actual = buf.crc32c() if expected is not None else None
-        if expected is not None:
-            if actual != expected:
+        view = buf.view
+        digest = RangeDigest(expected.algorithm, expected.segment_sizes(info.size), view) if expected else None
+        download_into(t, info, view, progress=progress, digest=digest)
+        if digest is not None and expected is not None:
+            problem = expected.mismatch(digest.digests())
+            if problem is not None:
                 raise CheckpointCorruptedError(
-                    f"{url} is corrupted: CRC32C of its {info.size} bytes is {actual:08x}, the {source} "
-                    f"recorded {expected:08x} at save time. Do not use it; load an older checkpoint."
+                    f"{url} is corrupted: {problem} (its {info.size} bytes, checksum from the "
+                    f"{expected.origin}). Do not use it; load an older checkpoint."
                 )
-        elif verify == "require":
-            raise CheckpointCorruptedError(f"{url} cannot be verified: {source}")
         elif verify:
             log.warning("loading %s unverified: %s", url, source)
-        return buf, source, actual
+        del digest, view  # the digest holds a view of the buffer's map; close() needs it released
+        return buf, source, expected
     except BaseException:
         buf.close()
         raise
@@ -181,7 +202,7 @@ def load(
     mmap: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> Any:
-    """Download and ``torch.load`` the checkpoint at ``url``, verifying its CRC32C first.
+    """Download and ``torch.load`` the checkpoint at ``url``, verifying its checksum first.
 
     Memory: one copy of the checkpoint (tensors are mapped onto the downloaded bytes, not copied out).
 
@@ -191,14 +212,15 @@ def load(
         weights_only: ``True`` (default) refuses pickles that could run code; ``None`` lets torch decide;
             ``False`` only for checkpoints you trust (Lightning checkpoints with custom hyperparameters).
         transport, chunk_size_MB, max_read_concurrency: transfer settings.
-        verify: ``True`` checks the recorded CRC32C and warns if none was recorded; ``"require"`` also
-            refuses an unverifiable object; ``False`` skips the check.
+        verify: ``True`` checks the recorded checksum and warns if none was recorded; ``"require"`` also
+            refuses an unverifiable object (:class:`UnverifiableCheckpointError`); ``False`` skips the check.
         mmap: map tensor storages onto the downloaded bytes (no second copy).
         progress: called with byte counts as ranges arrive.
 
     Raises:
         CheckpointNotFoundError: no object at ``url`` (or no bucket).
         CheckpointCorruptedError: the bytes do not match the recorded checksum, or are not a checkpoint.
+        UnverifiableCheckpointError: ``verify="require"`` and no checksum is recorded anywhere.
         UnsafeCheckpointError: ``weights_only=True`` refused an object.
     """
     t = resolve_transport(transport, chunk_size_MB=chunk_size_MB, max_read_concurrency=max_read_concurrency)
@@ -209,12 +231,28 @@ def load(
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """Outcome of :func:`verify`."""
+    """Outcome of :func:`verify`: the object's bytes match this checksum.
+
+    Attributes:
+        url: the object.
+        size: its bytes.
+        crc32c: the object's CRC32C when that is what was checked (s3ckpt's own saves), else None.
+        source: where the checksum came from: ``"object"`` (the store), ``"manifest"`` (s3ckpt's manifest)
+            or the ``recorded`` source given (``"DCP manifest"``); see :attr:`origin` for it in words.
+        algorithm: ``"CRC32C"``, ``"CRC64NVME"``, ``"CRC32"``, ``"SHA1"`` or ``"SHA256"``.
+        checksum_type: ``"FULL_OBJECT"`` or ``"COMPOSITE"`` (a checksum of the parts' checksums).
+        checksum: the checksum as S3 shows it (base64, ``-<parts>`` for a composite).
+        origin: ``"store full-object"``, ``"store composite"``, ``"s3ckpt manifest"`` or ``"DCP sidecar"``.
+    """
 
     url: str
     size: int
-    crc32c: int
+    crc32c: int | None
     source: str
+    algorithm: str = "CRC32C"
+    checksum_type: str = "FULL_OBJECT"
+    checksum: str = ""
+    origin: str = ""
 
 
 def verify(
@@ -224,20 +262,33 @@ def verify(
     progress: Callable[[int], None] | None = None,
     recorded: tuple[int, str] | None = None,
 ) -> VerifyResult:
-    """Download ``url`` and check its CRC32C without unpickling anything.
+    """Download ``url`` and check it against its recorded checksum without unpickling anything.
+
+    The checksum is the store's (any algorithm S3 defines, full-object or composite) or s3ckpt's manifest's;
+    see :func:`s3ckpt.layout.expected_checksum` for which wins.
 
     Args:
         recorded: ``(crc32c, source)`` recorded outside the object (a DCP sidecar manifest); used when the
-            store keeps no checksum with the object.
+            store keeps no CRC32C with the object.
 
     Raises:
-        CheckpointCorruptedError: a mismatch, or no checksum recorded for the object.
+        CheckpointCorruptedError: the bytes do not match (or the manifest describes other bytes).
+        UnverifiableCheckpointError: nothing records what the bytes should be.
     """
     t = resolve_transport(transport)
-    buf, source, actual = _download_verified(t, url, verify="require", progress=progress, recorded=recorded)
+    buf, source, expected = _download_verified(t, url, verify="require", progress=progress, recorded=recorded)
     with buf:
-        assert actual is not None  # verify="require" checked it
-        return VerifyResult(url, buf.size, actual, source)
+        assert expected is not None  # verify="require" raised otherwise
+        return VerifyResult(
+            url,
+            buf.size,
+            expected.crc32c,
+            source,
+            algorithm=expected.algorithm,
+            checksum_type=expected.checksum_type,
+            checksum=expected.value,
+            origin=expected.origin,
+        )
 
 
 def delete(url: str, *, transport: S3Transport | None = None) -> None:

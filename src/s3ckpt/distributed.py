@@ -12,6 +12,7 @@ The collective helpers are no-ops without an initialised ``torch.distributed`` p
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "commit_model_parallel",
+    "destroy_process_group_at_exit",
     "find_resume_checkpoint",
     "get_rank",
     "get_world_size",
@@ -99,6 +101,34 @@ def broadcast_object(obj: T, src: int = 0, *, group: Any = None, device: Any = N
     box: list[Any] = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src, group=group, device=device)
     return box[0]  # type: ignore[no-any-return]
+
+
+_exit_hook_installed = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Make sure the default process group is destroyed before the interpreter exits (idempotent).
+
+    A rank that leaves with a live gloo group (an error raised out of ``fit`` on every rank, after which
+    Lightning tears down without destroying the group) sometimes dies at exit with SIGABRT, "terminate called
+    without an active exception": gloo's C++ threads are still joinable when static destructors run, so a job
+    scheduler records a crash (return code -6) instead of the error's own exit status. An ``atexit`` hook
+    runs before that, while Python is still whole. Called on every path where s3ckpt raises a resume error on
+    every rank; a user may call it too. Destroying a group is local (no collective): no rank can wait on it.
+    """
+    global _exit_hook_installed
+    if _exit_hook_installed:
+        return
+    _exit_hook_installed = True
+    atexit.register(_destroy_default_group)
+
+
+def _destroy_default_group() -> None:
+    if is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # at exit: report, never turn a clean exit into a traceback
+            log.debug("destroy_process_group at exit failed: %s", exc)
 
 
 # -- outcomes: a value or an exception that can cross a broadcast -----------------------------------------
@@ -331,6 +361,8 @@ def resolve_resume_path(
         )
     shared = broadcast_object(outcome, src=0)
     assert shared is not None  # rank 0 always sends an outcome
+    if shared.error is not None:
+        destroy_process_group_at_exit()  # the error may end the process: leave no gloo thread behind
     return shared.unwrap()
 
 

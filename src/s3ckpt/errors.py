@@ -19,6 +19,7 @@ __all__ = [
     "S3NotFoundError",
     "S3TransferError",
     "UnsafeCheckpointError",
+    "UnverifiableCheckpointError",
 ]
 
 
@@ -52,6 +53,11 @@ class ConflictError(S3CheckpointError, FileExistsError):
 
 class CheckpointCorruptedError(S3CheckpointError, ValueError):
     """A checkpoint's bytes do not match the checksum recorded when it was saved."""
+
+
+class UnverifiableCheckpointError(S3CheckpointError, ValueError):
+    """Nothing records what a checkpoint's bytes should be (no checksum in the store, no manifest), so its
+    integrity cannot be checked. Not the same as corrupted: raised only when verification is required."""
 
 
 class UnsafeCheckpointError(S3CheckpointError, ValueError):

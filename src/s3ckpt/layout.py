@@ -10,10 +10,18 @@ A single-file checkpoint at ``s3://bucket/run/epoch=3-step=400.ckpt`` is:
   epoch. It carries the digest when the store keeps no checksum, and lets ``ls`` show a checkpoint's step
   without downloading it. It never holds credentials or the environment.
 
-Integrity on load: the expected CRC32C comes from the object itself, else from a manifest that matches the
-object (same nonce, size and ETag). An object whose manifest describes different bytes is reported as
-corrupted; an object with neither (not written by s3ckpt) loads with a warning unless verification is
-required.
+Integrity on load (:func:`expected_checksum`), first that applies:
+
+1. the object's own full-object CRC32C (what s3ckpt's saves leave): no other request;
+2. a CRC32C recorded by the caller (a DCP sidecar manifest);
+3. the manifest, if one exists: it must describe this object (same nonce, size and ETag), else the object
+   is reported as corrupted (altered or replaced behind s3ckpt's back), whatever checksum the store keeps;
+4. any other checksum the store keeps: full-object CRC64NVME, CRC32, SHA-1 or SHA-256 (objects written by
+   other tools, copies the store re-checksummed), else a COMPOSITE one, checked part by part against the
+   part boundaries the store reports (``GetObjectAttributes``).
+
+An object with none of these cannot be verified, which is not the same as corrupted: it loads with a
+warning, and ``verify="require"`` raises :class:`~s3ckpt.errors.UnverifiableCheckpointError`.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 
 from .errors import CheckpointCorruptedError, S3NotFoundError
 from .transport import ops
+from .transport.checksums import COMPOSITE, FULL_OBJECT, composite_of
 from .transport.context import S3Transport
 from .transport.ops import ObjectInfo
 from .transport.upload import NONCE_META, UploadResult
@@ -33,7 +42,12 @@ from .transport.upload import NONCE_META, UploadResult
 __all__ = [
     "FORMAT",
     "MANIFEST_SUFFIX",
+    "SOURCE_DCP",
+    "SOURCE_MANIFEST",
+    "SOURCE_STORE",
+    "Expected",
     "Manifest",
+    "expected_checksum",
     "expected_crc32c",
     "is_manifest_key",
     "manifest_key",
@@ -136,7 +150,8 @@ def read_manifest(t: S3Transport, bucket: str, key: str) -> Manifest | None:
 
 
 def expected_crc32c(t: S3Transport, info: ObjectInfo) -> tuple[int | None, str]:
-    """The CRC32C the object's bytes must have, and where it came from (``"object"``, ``"manifest"``).
+    """The CRC32C the object's bytes must have, and where it came from (``"object"``, ``"manifest"``);
+    only s3ckpt's own records (:func:`expected_checksum` also reads other tools' checksums).
 
     Returns ``(None, reason)`` if no checksum was recorded for this object.
 
@@ -149,10 +164,148 @@ def expected_crc32c(t: S3Transport, info: ObjectInfo) -> tuple[int | None, str]:
     manifest = read_manifest(t, info.bucket, info.key)
     if manifest is None:
         return None, "no checksum stored with the object and no manifest (not written by s3ckpt?)"
+    _check_manifest(manifest, info)
+    return manifest.crc32c, "manifest"
+
+
+SOURCE_STORE = "object"
+"""The checksum is the one the store keeps with the object."""
+SOURCE_MANIFEST = "manifest"
+"""The checksum is the CRC32C in the object's s3ckpt manifest."""
+SOURCE_DCP = "DCP manifest"
+"""The checksum is the CRC32C in a DCP checkpoint's sidecar manifest (``.metadata.s3ckpt.json``)."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What an object's bytes must hash to, and where that came from.
+
+    Attributes:
+        algorithm: ``"CRC32C"``, ``"CRC64NVME"``, ``"CRC32"``, ``"SHA1"`` or ``"SHA256"``.
+        checksum_type: ``"FULL_OBJECT"`` (``digest`` is of the bytes) or ``"COMPOSITE"`` (``digest`` is of
+            the parts' digests concatenated).
+        digest: the expected digest (4 or 8 big-endian bytes for a CRC, 20 or 32 for a SHA).
+        source: :data:`SOURCE_STORE`, :data:`SOURCE_MANIFEST` or :data:`SOURCE_DCP`.
+        part_sizes: a composite checksum's part sizes, in order (they sum to the object size).
+        part_digests: each part's digest where the store reports it, else None for that part.
+    """
+
+    algorithm: str
+    checksum_type: str
+    digest: bytes
+    source: str
+    part_sizes: tuple[int, ...] = ()
+    part_digests: tuple[bytes | None, ...] = ()
+
+    @property
+    def origin(self) -> str:
+        """Where the checksum came from, in words: ``store full-object``, ``store composite``, ``s3ckpt
+        manifest`` or ``DCP sidecar``."""
+        if self.source == SOURCE_STORE:
+            return "store composite" if self.checksum_type == COMPOSITE else "store full-object"
+        return "s3ckpt manifest" if self.source == SOURCE_MANIFEST else "DCP sidecar"
+
+    @property
+    def value(self) -> str:
+        """The expected checksum as S3 shows it: base64, with ``-<parts>`` for a composite."""
+        text = base64.b64encode(self.digest).decode("ascii")
+        return f"{text}-{len(self.part_sizes)}" if self.checksum_type == COMPOSITE else text
+
+    @property
+    def crc32c(self) -> int | None:
+        """The expected CRC32C of the whole object, if that is what this is."""
+        if self.algorithm == "CRC32C" and self.checksum_type == FULL_OBJECT:
+            return int.from_bytes(self.digest, "big")
+        return None
+
+    def segment_sizes(self, size: int) -> list[int]:
+        """The byte spans hashed separately: the parts of a composite, else the whole object."""
+        return list(self.part_sizes) if self.checksum_type == COMPOSITE else [size]
+
+    def mismatch(self, digests: list[bytes]) -> str | None:
+        """None if ``digests`` (one per :meth:`segment_sizes` span) match, else what differs, in words."""
+        if self.checksum_type == FULL_OBJECT:
+            (got,) = digests
+            if got == self.digest:
+                return None
+            return f"{self.algorithm} of its bytes is {got.hex()}, the {self._who} recorded {self.digest.hex()}"
+        start = 0
+        for i, (got, want, n) in enumerate(zip(digests, self.part_digests, self.part_sizes, strict=True)):
+            if want is not None and got != want:
+                return (
+                    f"part {i + 1} (bytes {start}-{start + n - 1}) has {self.algorithm} {got.hex()}, the "
+                    f"{self._who} recorded {want.hex()}"
+                )
+            start += n
+        combined = composite_of(self.algorithm, digests)
+        if combined == self.digest:
+            return None
+        return (
+            f"the {self.algorithm} of its {len(digests)} parts' {self.algorithm}s is {combined.hex()}, the "
+            f"{self._who} recorded {self.digest.hex()}"
+        )
+
+    @property
+    def _who(self) -> str:
+        # "the object recorded" keeps the wording of the CRC32C messages users and scripts already know.
+        return {SOURCE_STORE: "object", SOURCE_MANIFEST: "manifest"}.get(self.source, self.source)
+
+
+def _crc32c_expected(value: int, source: str) -> Expected:
+    return Expected("CRC32C", FULL_OBJECT, value.to_bytes(4, "big"), source)
+
+
+def expected_checksum(
+    t: S3Transport, info: ObjectInfo, *, recorded: tuple[int, str] | None = None
+) -> tuple[Expected | None, str]:
+    """What ``info``'s bytes must hash to (see the module docstring for the order), or ``(None, why)``.
+
+    Args:
+        recorded: ``(crc32c, source)`` kept outside the object (a DCP sidecar), used when the store keeps no
+            full-object CRC32C; the object then has no s3ckpt manifest to read.
+
+    Raises:
+        CheckpointCorruptedError: a manifest exists but describes different bytes.
+    """
+    if info.checksum_crc32c:
+        return _crc32c_expected(int.from_bytes(base64.b64decode(info.checksum_crc32c), "big"), SOURCE_STORE), ""
+    if recorded is not None:
+        return _crc32c_expected(recorded[0], recorded[1]), ""
+    manifest = read_manifest(t, info.bucket, info.key)
+    if manifest is not None:
+        _check_manifest(manifest, info)
+        return _crc32c_expected(manifest.crc32c, SOURCE_MANIFEST), ""
+    stored = info.stored_checksums
+    for c in stored:
+        if c.checksum_type == FULL_OBJECT:
+            return Expected(c.algorithm, FULL_OBJECT, c.digest, SOURCE_STORE), ""
+    why = "no checksum stored with the object and no s3ckpt manifest (not written by s3ckpt?)"
+    for c in stored:
+        # The part count: the checksum's "-<parts>" suffix, else the multipart ETag's ("<md5>-<parts>").
+        count = c.parts or _etag_parts(info.etag)
+        if count is None:
+            why = f"the store's composite {c.algorithm} does not say how many parts it covers"
+            continue
+        parts = ops.object_parts(t, info, count)
+        if parts is None:
+            why = f"the store keeps a composite {c.algorithm} but does not report the part boundaries it covers"
+            continue
+        part_digests = tuple(
+            base64.b64decode(p.checksums[c.algorithm]) if p.checksums.get(c.algorithm) else None for p in parts
+        )
+        return Expected(c.algorithm, COMPOSITE, c.digest, SOURCE_STORE, tuple(p.size for p in parts), part_digests), ""
+    return None, why
+
+
+def _etag_parts(etag: str) -> int | None:
+    suffix = etag.strip('"').rpartition("-")[2]
+    return int(suffix) if "-" in etag and suffix.isdigit() else None
+
+
+def _check_manifest(manifest: Manifest, info: ObjectInfo) -> None:
     if not manifest.matches(info):
         raise CheckpointCorruptedError(
             f"s3://{info.bucket}/{info.key} does not match its manifest: saved {manifest.size} bytes "
             f"(ETag {manifest.etag}), found {info.size} bytes (ETag {info.etag}). The object was altered or "
             "replaced after it was saved; load an older checkpoint."
         )
-    return manifest.crc32c, "manifest"

@@ -196,6 +196,7 @@ def test_copied_checkpoint_loads(saved_by_4: dict[str, Any], t: S3Transport) -> 
     _load_full(copy, 1, t, BIG_ROWS)
 
 
+@pytest.mark.portable
 def test_metadata_verified_before_unpickling(t: S3Transport, bucket: str, tmp_path: Path) -> None:
     url, prefix = f"s3://{bucket}/m/step-1", "m/step-1/"
     _save_full(url, 31, t)
@@ -230,6 +231,7 @@ def test_metadata_verified_before_unpickling(t: S3Transport, bucket: str, tmp_pa
     _load_full(url, 31, t, verify=False)
 
 
+@pytest.mark.portable
 def test_overwrite_policy(t: S3Transport, bucket: str) -> None:
     url = f"s3://{bucket}/o/step-1"
     _save_full(url, 41, t)

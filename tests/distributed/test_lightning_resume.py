@@ -133,6 +133,10 @@ def _rank_main(cfg_json: str) -> None:  # pragma: no cover - runs in the rank pr
         out["empty"] = {"type": "", "message": "no error"}
     except Exception as exc:
         out["empty"] = {"type": type(exc).__name__, "message": str(exc)}
+        print(RESULT_TAG + json.dumps(out), flush=True)
+        # Left uncaught, as in a user's script: the rank must exit with Python's status for an error (1), not
+        # die at exit with SIGABRT from a gloo thread of the still-live process group.
+        raise
     print(RESULT_TAG + json.dumps(out), flush=True)
 
 
@@ -161,6 +165,7 @@ def test_ddp_resume_from_rank0_choice(s3_server: LocalS3Server, tmp_path_factory
         timeout_s=200,
         rank_env=lambda r: {**env, "LOCAL_RANK": str(r), "RANK": str(r)},
         result_tag=RESULT_TAG,
+        expected_returncode=1,  # every rank ends with the resume error, uncaught
     )
     print(f"{world_size} ranks: train, resume and a failed resume in {time.monotonic() - start:.1f} s")
     last = f"{cfg['dirpath']}/last.ckpt"

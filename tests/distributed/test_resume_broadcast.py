@@ -86,8 +86,11 @@ def run_ranks(
     timeout_s: float,
     rank_env: Callable[[int], dict[str, str]] | None = None,
     result_tag: str = RESULT_TAG,
+    expected_returncode: int = 0,
 ) -> list[Any]:
     """Run ``python -m <module> <cfg> <rank>`` for each rank; return what each printed after ``result_tag``.
+
+    Every rank must exit with ``expected_returncode`` (a signal, e.g. SIGABRT at exit, fails the test).
 
     Kills the ranks (each by its own pid) and fails with their output tails if they are not done in time.
     """
@@ -122,7 +125,7 @@ def run_ranks(
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    if any(p.returncode != 0 for p in procs):
+    if any(p.returncode != expected_returncode for p in procs):
         raise AssertionError(f"rank(s) failed: {[p.returncode for p in procs]}\n{tails()}")
     results = []
     for log in logs:

@@ -3,7 +3,8 @@
 :class:`FaultProxy` listens on ``127.0.0.1`` (a free port) and forwards every request, byte for byte, to the
 upstream S3 endpoint (the embedded SeaweedFS). Rules (:class:`Fault`) make it misbehave on chosen request
 kinds: answer 503 SlowDown or 500 InternalError in AWS's XML form, reset the client connection mid-body,
-delay, truncate a response body, or forward a request and then lose its response. Every request is
+delay, truncate a response body, forward a request and then lose its response, or hang (accept a request and
+then neither answer nor close the connection, as a dead middlebox does). Every request is
 logged (:class:`LogEntry`), so tests can count requests by kind and compute request rates.
 
 What it preserves, so that SigV4 signatures still verify upstream:
@@ -67,7 +68,7 @@ KINDS = frozenset(
 )
 """Request kinds :func:`classify` returns."""
 
-ACTIONS = frozenset({"status_503", "status_500", "reset", "delay", "truncate", "drop_response"})
+ACTIONS = frozenset({"status_503", "status_500", "reset", "delay", "truncate", "drop_response", "hang"})
 """What a :class:`Fault` can do to a request."""
 
 ANY: Any = object()
@@ -157,6 +158,9 @@ class Fault:
               and only ``after_bytes`` of the body, then close the connection (FIN).
             * ``drop_response``: forward the request (the server processes it), read the whole response,
               then reset the client connection instead of returning it: a lost response.
+            * ``hang``: read the request and then send nothing and close nothing, until the client gives up
+              (closes its end) or the proxy stops. ``where="request"`` (and ``"auto"``): the request never
+              reaches the server; ``"response"``: it is forwarded and processed, and its answer withheld.
         count: inject into at most this many matching requests, then stop; ``None``: no limit.
         probability: chance that a matching request is hit (drawn from the proxy's seeded RNG).
         delay_s: seconds to wait, for ``delay``.
@@ -164,6 +168,7 @@ class Fault:
             of the body (when its length is known, else 0).
         where: for ``reset``: ``"request"`` (mid request body), ``"response"`` (mid response body), or
             ``"auto"``: the request body if the request has one (PutObject, UploadPart), else the response.
+            For ``hang``: see above.
         skip: let this many matching requests through untouched before the rule can fire.
         path_contains: only match requests whose target (path and query) contains this string.
         duration_s: the rule expires this many seconds after it is added to a proxy.
@@ -265,6 +270,7 @@ class FaultProxy:
         self._errors: list[BaseException] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()  # releases hung requests
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -272,6 +278,7 @@ class FaultProxy:
         """Bind a free port and start serving in a daemon thread."""
         if self._server is not None:
             raise RuntimeError("proxy already started")
+        self._stopping.clear()
         self._server = _Server((self._host, 0), self)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fault-proxy", daemon=True
@@ -284,6 +291,7 @@ class FaultProxy:
         server, self._server = self._server, None
         if server is None:
             return
+        self._stopping.set()
         server.shutdown()
         server.server_close()
         server.close_connections(timeout_s)
@@ -550,6 +558,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._forward(None)
             elif fault.action in _ERRORS:
                 self._reply_error(fault.action)
+            elif fault.action == "hang" and fault.where != "response":
+                self._send_continue()
+                for _ in self._request_body():
+                    pass
+                self._hang()
             elif fault.action == "reset" and self._reset_in_request(fault):
                 self._send_continue()
                 limit = fault.after_bytes if fault.after_bytes is not None else self._request_length() // 2
@@ -596,6 +609,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply_bad_gateway(exc)
             return
         self._entry.status = resp.status
+
+        if action == "hang":
+            try:
+                while resp.read(_SLICE):
+                    pass
+            except (OSError, http.client.HTTPException):
+                pass
+            self._close_upstream()
+            self._hang()
+            return
 
         if action == "drop_response":
             # The server has processed the request; read its answer, then lose it.
@@ -775,6 +798,21 @@ class _Handler(BaseHTTPRequestHandler):
             sock.close()
         except OSError:
             pass
+
+    def _hang(self) -> None:
+        """Send nothing and keep the connection open until the client closes it or the proxy stops; then
+        close our end too (the client has given up, so nothing it could read is left)."""
+        self.close_connection = True
+        sock = self.connection
+        stopping = self.server.proxy._stopping
+        while not stopping.is_set():
+            try:
+                readable, _, _ = select.select([sock], [], [], 0.1)
+                if readable and not sock.recv(_SLICE):
+                    break  # EOF: the client timed out and closed (any bytes it still sent are discarded)
+            except OSError:
+                break
+        self._close_client()
 
     def _close_client(self) -> None:
         """End the client connection gracefully (FIN) after what was sent so far."""

@@ -9,13 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from botocore.config import Config
 
 import s3ckpt
-from s3ckpt import CheckpointCorruptedError, CheckpointNotFoundError, S3Utils, UnsafeCheckpointError
+from s3ckpt import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    S3Utils,
+    UnsafeCheckpointError,
+    UnverifiableCheckpointError,
+)
 from s3ckpt.layout import manifest_key, read_manifest
+from s3ckpt.server import LocalS3Server
 from s3ckpt.transport import S3Transport, ops
 
-pytestmark = pytest.mark.integration
+# portable: make test also runs these on moto (tests/backends.py).
+pytestmark = [pytest.mark.integration, pytest.mark.portable]
 
 
 def _state(seed: int = 0, n: int = 6) -> dict[str, object]:
@@ -163,18 +172,23 @@ def test_bytes_damaged_in_transit_detected(transport: S3Transport, bucket: str) 
     _assert_equal(_state(2), s3ckpt.load(url, transport=transport))
 
 
-def test_unverifiable_object_policy(transport: S3Transport, bucket: str, caplog: pytest.LogCaptureFixture) -> None:
-    """An object written by another tool (no stored checksum, no manifest) loads with a warning, and is
-    refused when verification is required."""
+def test_unverifiable_object_policy(
+    transport: S3Transport, bucket: str, s3_server: LocalS3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An object written by another tool with no checksum at all (boto3 with checksums only "when
+    required") and no manifest loads with a warning, and is refused as unverifiable (not as corrupted) when
+    verification is required."""
     buf = io.BytesIO()
     torch.save({"w": torch.ones(2)}, buf)
-    transport.clients.get().put_object(Bucket=bucket, Key="foreign.pt", Body=buf.getvalue())
+    plain = s3_server.client(config=Config(request_checksum_calculation="when_required"))
+    plain.put_object(Bucket=bucket, Key="foreign.pt", Body=buf.getvalue())
     url = f"s3://{bucket}/foreign.pt"
     with caplog.at_level("WARNING"):
         assert torch.equal(s3ckpt.load(url, transport=transport)["w"], torch.ones(2))
     assert "unverified" in caplog.text
-    with pytest.raises(CheckpointCorruptedError, match="cannot be verified"):
+    with pytest.raises(UnverifiableCheckpointError, match="cannot be verified") as info:
         s3ckpt.load(url, transport=transport, verify="require")
+    assert not isinstance(info.value, CheckpointCorruptedError)
 
 
 class _Evil:
@@ -234,18 +248,21 @@ def test_s3utils_nemo_surface(transport: S3Transport, bucket: str, tmp_path: Pat
 
 
 def test_zip_crc32_option(transport: S3Transport, bucket: str) -> None:
-    """By default the zip's own per-record CRC-32 is skipped (the object's CRC32C covers every byte);
-    zip_crc32=True keeps a file that zip tools accept. Both load."""
+    """A default save is a valid zip archive (``zipfile``'s testzip() finds no bad CRC-32, as model scanners
+    need); ``zip_crc32=False`` is the documented opt-out that skips the records' CRC-32 (torch writes 0,
+    which testzip() reports). Both load."""
     import zipfile
 
     state = {"w": torch.randn(1000)}
     for flag in (False, True):
         url = f"s3://{bucket}/zip-{flag}.ckpt"
-        s3ckpt.save(state, url, transport=transport, zip_crc32=flag)
+        s3ckpt.save(state, url, transport=transport, **({} if flag else {"zip_crc32": False}))
         assert torch.equal(s3ckpt.load(url, transport=transport)["w"], state["w"])
         data = transport.clients.get().get_object(Bucket=bucket, Key=f"zip-{flag}.ckpt")["Body"].read()
         archive = zipfile.ZipFile(io.BytesIO(data))
         if flag:
             assert archive.testzip() is None
+            assert torch.equal(torch.load(io.BytesIO(data), weights_only=True)["w"], state["w"])
         else:
             assert all(info.CRC == 0 for info in archive.infolist())
+            assert archive.testzip() is not None

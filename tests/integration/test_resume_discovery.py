@@ -20,7 +20,8 @@ from s3ckpt.layout import Manifest, manifest_key, read_manifest
 from s3ckpt.server import LocalS3Server
 from s3ckpt.transport import S3Transport, ops
 
-pytestmark = pytest.mark.integration
+# portable: make test also runs these on moto (tests/backends.py).
+pytestmark = [pytest.mark.integration, pytest.mark.portable]
 
 
 def _save(t: S3Transport, url: str, step: int = 0) -> None:

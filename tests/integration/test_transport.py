@@ -18,7 +18,8 @@ from s3ckpt.transport import MultipartWriter, S3Transport, download_into, ops
 from s3ckpt.transport.download import ObjectChangedError
 from tests.conftest import client_config_for
 
-pytestmark = pytest.mark.integration
+# portable: make test also runs these on moto (tests/backends.py).
+pytestmark = [pytest.mark.integration, pytest.mark.portable]
 
 PART = 5 * MiB
 SIZES = [0, 1, PART - 1, PART, PART + 1, int(3.5 * PART)]

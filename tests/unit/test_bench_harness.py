@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from benchmarks.report import format_ratios, format_table, write_json
-from benchmarks.run import ALL_METHODS, QUICK_METHODS, parse_args
+from benchmarks.run import ALL_METHODS, DEFAULT_METHODS, QUICK_METHODS, parse_args
 from benchmarks.stats import (
     RECORD_KEYS,
     MiB,
@@ -129,49 +129,56 @@ def _rec(method: str, op: str, wall: float, cpu: float = 1.0, rss: int = 0, **kw
 
 
 def test_derived_ratios() -> None:
+    """Issue 12's targets: s3ckpt at its defaults against the best peer (median and min), s3torchconnector's
+    CPU and RSS, an absolute load CPU bound, and the async stall against the snapshot and the sync save."""
     records = [
         _rec("raw", "save", 5.0),
-        _rec("raw", "load", 1.0),
         _rec("torch-tmpfs", "save", 0.7, cpu=0.6),
         _rec("torch-tmpfs", "load", 0.7, cpu=0.7),
-        _rec("nemo-ref", "save", 9.0, settings={"chunk_size_MB": 64, "max_write_concurrency": 10}),
-        _rec("nemo-ref", "load", 2.6),
-        _rec(
-            "s3ckpt-tuned",
-            "save",
-            5.5,
-            cpu=0.9,
-            rss=200 * MiB,
-            settings={"chunk_size_MB": 16, "max_write_concurrency": 8},
-        ),
-        _rec("s3ckpt-tuned", "load", 1.2, cpu=0.7, rss=GiB + 100 * MiB),
-        _rec("s3ckpt-async", "save", 5.8, stall_s=0.55),
+        _rec("nemo", "save", 9.0, wall_min_s=8.0),
+        _rec("nemo", "load", 2.0, wall_min_s=1.5),
+        _rec("s3torchconnector", "save", 6.0, cpu=1.4, rss=400 * MiB, wall_min_s=5.0),
+        _rec("s3torchconnector", "load", 2.5, wall_min_s=2.0),
+        _rec("s3ckpt", "save", 5.1, cpu=1.2, rss=300 * MiB, wall_min_s=4.6),
+        _rec("s3ckpt", "load", 1.2, cpu=1.25, rss=GiB + 100 * MiB, wall_min_s=1.1),
     ]
-    ratios = {(q.metric, q.method): q for q in derived_ratios(records, GiB)}
-    assert ratios[("save wall / raw PUT", "s3ckpt-tuned")].value == pytest.approx(1.1)
-    assert ratios[("save wall / raw PUT", "s3ckpt-tuned")].ok is True
-    assert ratios[("load wall / raw GET", "s3ckpt-tuned")].value == pytest.approx(1.2)
-    assert ratios[("save CPU-s/GB / torch.save tmpfs", "s3ckpt-tuned")].value == pytest.approx(1.5)
-    assert ratios[("save CPU-s/GB / torch.save tmpfs", "s3ckpt-tuned")].ok is False
-    save_limit = (8 + 2) * 16 * MiB + 150 * MiB
-    assert ratios[("save peak RSS / limit", "s3ckpt-tuned")].value == pytest.approx(200 * MiB / save_limit)
-    load_limit = int(1.25 * GiB) + 150 * MiB
-    assert ratios[("load peak RSS / limit", "s3ckpt-tuned")].value == pytest.approx((GiB + 100 * MiB) / load_limit)
-    assert ratios[("save wall / NeMo-style", "s3ckpt-tuned")].value == pytest.approx(5.5 / 9.0)
-    assert ratios[("async stall / sync save", "s3ckpt-async")].value == pytest.approx(0.1)
-    assert ratios[("async stall / sync save", "s3ckpt-async")].ok is True
-    # The reference gets the same ratios but is not compared with itself.
-    assert ("save wall / raw PUT", "nemo-ref") in ratios
-    assert ("save wall / NeMo-style", "nemo-ref") not in ratios
-    # s3ckpt (defaults) was not measured: no rows for it.
-    assert not any(method == "s3ckpt" for _, method in ratios)
+    async_runs = [{"max_pending_saves": 2, "stall_s": 0.12, "snapshot_s": 0.11, "sync_save_s": 5.0}]
+    ratios = {(q.metric, q.method): q for q in derived_ratios(records, GiB, async_runs)}
+    save_med = ratios[("save wall / best peer (median)", "s3ckpt")]
+    assert save_med.value == pytest.approx(5.1 / 6.0) and save_med.ok and "s3torchconnector" in save_med.detail
+    assert ratios[("save wall / best peer (min)", "s3ckpt")].value == pytest.approx(4.6 / 5.0)
+    assert ratios[("save wall / best peer (min)", "s3ckpt")].ok is False  # 0.92 > 0.9
+    assert ratios[("load wall / best peer (median)", "s3ckpt")].value == pytest.approx(1.2 / 2.0)
+    assert ratios[("load wall / best peer (min)", "s3ckpt")].value == pytest.approx(1.1 / 1.5)
+    assert ratios[("save CPU-s/GB / s3torchconnector", "s3ckpt")].value == pytest.approx(1.2 / 1.4)
+    assert ratios[("save peak RSS / s3torchconnector", "s3ckpt")].value == pytest.approx(0.75)
+    assert ratios[("load CPU-s/GB (absolute)", "s3ckpt")].value == pytest.approx(1.25)
+    assert ratios[("save CPU-s/GB / torch.save tmpfs", "s3ckpt")].value == pytest.approx(2.0)
+    stall = ratios[("async stall / snapshot", "s3ckpt-async p=2")]
+    assert stall.value == pytest.approx(0.12 / 0.11) and stall.ok
+    assert ratios[("async stall / sync save", "s3ckpt-async p=2")].value == pytest.approx(0.024)
+    # s3ckpt with NeMo's knobs was not measured: no rows for it.
+    assert not any(method == "s3ckpt-nemo-knobs" for _, method in ratios)
 
 
 def test_ratio_missing_baseline_is_none() -> None:
     ratios = derived_ratios([_rec("s3ckpt", "save", 6.0)], GiB)
-    raw = next(q for q in ratios if q.metric == "save wall / raw PUT")
-    assert raw.value is None and raw.ok is None
+    peer = next(q for q in ratios if q.metric == "save wall / best peer (median)")
+    assert peer.value is None and peer.ok is None and peer.detail == "no peer measured"
     assert "-" in format_ratios(ratios)
+
+
+def test_sweep_pick_prefers_less_cpu_within_the_tie() -> None:
+    from benchmarks.run import pick
+
+    rows = [
+        {"op": "save", "size_bytes": 1, "settings": {"c": 64}, "wall_s": 3.00, "cpu_s_per_gb": 1.5},
+        {"op": "save", "size_bytes": 1, "settings": {"c": 16}, "wall_s": 3.10, "cpu_s_per_gb": 1.1},
+        {"op": "save", "size_bytes": 1, "settings": {"c": 8}, "wall_s": 3.40, "cpu_s_per_gb": 1.0},
+        {"op": "load", "size_bytes": 1, "settings": {"r": 4}, "wall_s": None, "cpu_s_per_gb": None},
+    ]
+    assert pick(rows, "save") == rows[1]  # within 5 % of the fastest, and cheaper
+    assert pick(rows, "load") is None
 
 
 def test_tables_render_errors_and_numbers() -> None:
@@ -194,12 +201,16 @@ def test_workload_sizes_without_torch() -> None:
 
 def test_parse_args_defaults_and_quick() -> None:
     full = parse_args([])
-    assert full.size == GiB and full.runs == 3 and full.methods == ALL_METHODS and full.name == "latest"
-    assert full.sweep_size == 256 * MiB
-    quick = parse_args(["--quick"])
+    assert full.size == 512 * MiB and full.runs == 5 and full.methods == DEFAULT_METHODS and full.name == "latest"
+    assert not full.sweep and full.sweep_size == 512 * MiB and full.confirm_size == GiB and full.run_async
+    assert "nemo" in DEFAULT_METHODS and "s3torchconnector" in DEFAULT_METHODS
+    assert parse_args(["--methods", "all"]).methods == ALL_METHODS
+    quick = parse_args(["--quick", "--sweep"])
     assert quick.size == 64 * MiB and quick.runs == 1 and quick.methods == QUICK_METHODS and quick.name == "quick"
+    assert quick.sweep and quick.confirm_size is None and not quick.run_async
     custom = parse_args(["--size", "128MiB", "--methods", "s3ckpt,raw", "--runs", "5", "--name", "x"])
     assert custom.size == 128 * MiB and custom.methods == ["s3ckpt", "raw"] and custom.runs == 5
     assert custom.sweep_size == 128 * MiB
+    assert parse_args(["--confirm-size", "0"]).confirm_size is None
     with pytest.raises(SystemExit):
         parse_args(["--methods", "s3ckpt,nope"])

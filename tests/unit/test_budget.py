@@ -109,3 +109,49 @@ def test_checkpoint_io_checks_the_budget_on_construction() -> None:
             strict_request_budget=True,
         )
     S3CheckpointIO("s3://bucket/run", strict_request_budget=True)  # NeMo's defaults fit the budget
+
+
+def test_rate_model_counts_requests_per_second_from_part_size() -> None:
+    """``concurrency x max(1, connection_MBps / part_MB) x tp x pp x 1.15``: smaller parts, more requests;
+    without part sizes (or with parts larger than a second's worth) it is NeMo's floor."""
+    from s3ckpt.budget import DEFAULT_CONNECTION_MBPS
+
+    nemo = check_request_budget(10, 15, tp=8, pp=4)
+    assert nemo.writes == pytest.approx(10 * 32 * 1.15) and nemo.write_rate == 1.0
+    big = check_request_budget(10, 15, tp=8, pp=4, part_size_MB=128, read_size_MB=128)
+    assert big.writes == pytest.approx(nemo.writes)  # 128 MiB parts at 100 MiB/s: under one a second: floor
+    small = check_request_budget(8, 8, tp=2, pp=2, part_size_MB=16, read_size_MB=16)
+    rate = DEFAULT_CONNECTION_MBPS / 16
+    assert small.write_rate == pytest.approx(rate)
+    assert small.writes == pytest.approx(8 * rate * 4 * 1.15) and small.reads == pytest.approx(8 * rate * 4 * 1.15)
+    assert check_request_budget(8, 8, part_size_MB=8).writes == pytest.approx(
+        2 * check_request_budget(8, 8, part_size_MB=16).writes
+    )
+
+
+def test_rate_warning_names_the_part_size_knob() -> None:
+    """64 ranks x 8 writers of 16 MiB parts: 64 x 8 x 6.25 x 1.15 = 3,680 writes/s > 3,500. The fix offered
+    first is larger parts (the NeMo floor, 589/s, fits), with the number to set."""
+    with pytest.warns(UserWarning) as caught:
+        budget = check_request_budget(8, 4, tp=8, pp=8, part_size_MB=16, read_size_MB=16)
+    assert not budget.writes_ok and budget.reads_ok
+    text = str(caught[0].message)
+    assert "3,680 writes/s" in text and "chunk_size_MB to 17" in text and "max_write_concurrency to 7" in text
+    with pytest.raises(ConfigError, match="read_chunk_size_MB"):
+        check_request_budget(1, 16, tp=8, pp=8, part_size_MB=16, read_size_MB=8, strict=True)
+    with pytest.raises(ConfigError, match="part_size_MB"):
+        check_request_budget(1, 1, part_size_MB=0)
+
+
+def test_checkpoint_io_defaults_and_nemo_knobs_verbatim() -> None:
+    """No knob: the measured defaults (16 MiB x 8, 8 readers, 2 pending saves); NeMo's knobs are kept as given."""
+    from s3ckpt.lightning import S3CheckpointIO
+
+    io = S3CheckpointIO("s3://bucket/run")
+    t = io.transport.transfer
+    assert (t.chunk_size_MB, t.max_write_concurrency, t.max_read_concurrency) == (16, 8, 8)
+    assert io.request_budget.write_rate == pytest.approx(100 / 16)
+    nemo = S3CheckpointIO("s3://bucket/run", chunk_size_MB=64, max_read_concurrency=15, max_write_concurrency=10)
+    t = nemo.transport.transfer
+    assert (t.chunk_size_MB, t.max_write_concurrency, t.max_read_concurrency) == (64, 10, 15)
+    assert S3CheckpointIO("s3://bucket/r", async_checkpointing=True)._saver.max_pending == 2  # type: ignore[union-attr]

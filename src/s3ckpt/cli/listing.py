@@ -1,21 +1,30 @@
-"""``s3ckpt ls`` and ``s3ckpt verify``."""
+"""``s3ckpt ls`` and ``s3ckpt verify``.
+
+``verify`` exits 0 when every object matched its recorded checksum, 1 when any did not (or is missing), and
+:data:`EXIT_UNVERIFIABLE` (3) when none failed but some could not be checked: no checksum kept by the store,
+no s3ckpt manifest, no DCP sidecar (an object another tool wrote without a checksum).
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
 from dataclasses import dataclass
 
 from ..catalog import CheckpointEntry, list_checkpoints
 from ..checkpoint import VerifyResult
 from ..checkpoint import verify as verify_object
-from ..errors import CheckpointCorruptedError, S3NotFoundError
+from ..errors import CheckpointCorruptedError, S3NotFoundError, UnverifiableCheckpointError
 from ..s3_dirpath_utils import build_s3_url
 from ..transport import ops
 from .context import CommandError, Context, s3_url
 from .output import format_table, format_time, human_size
 from .targets import Target, find_target, list_described, resume_pick
 
-__all__ = ["cmd_ls", "cmd_verify"]
+__all__ = ["EXIT_UNVERIFIABLE", "cmd_ls", "cmd_verify"]
+
+EXIT_UNVERIFIABLE = 3
+"""``s3ckpt verify``'s exit status when nothing failed but something could not be verified."""
 
 
 def _size(ctx: Context, n: int) -> str:
@@ -35,6 +44,7 @@ def _entry_record(entry: CheckpointEntry, resume: bool) -> dict[str, object]:
         "objects": len(entry.keys),
         "last_modified": entry.last_modified,
         "resume": resume,
+        "copy_of": entry.copy_of,
     }
 
 
@@ -56,6 +66,8 @@ def cmd_ls(ctx: Context, args: argparse.Namespace) -> int:
     rows = []
     for e in entries:
         name = e.url[len(url) :] if e.url.startswith(url) else e.url
+        if e.copy_of:  # save_last="link": a server-side copy, a checkpoint of its own
+            name += f"  (copy of {e.copy_of.rsplit('/', 1)[-1]})"
         rows.append(
             [
                 "*" if e.url == picked else "",
@@ -88,6 +100,7 @@ class _Tally:
     ok: int = 0
     bad: int = 0
     incomplete: int = 0
+    unverifiable: int = 0
 
 
 def _verify_keys(
@@ -98,23 +111,35 @@ def _verify_keys(
         obj_url = build_s3_url(bucket, key)
         try:
             result = _verify_one(ctx, bucket, key, (recorded or {}).get(key))
+        except UnverifiableCheckpointError as exc:
+            tally.unverifiable += 1
+            ctx.out.error(str(exc))
+            ctx.out.record({"url": obj_url, "checkpoint": url, "ok": None, "unverifiable": True, "error": str(exc)})
+            continue
         except (CheckpointCorruptedError, S3NotFoundError) as exc:
             tally.bad += 1
             ctx.out.error(str(exc))
             ctx.out.record({"url": obj_url, "checkpoint": url, "ok": False, "error": str(exc)})
             continue
         tally.ok += 1
-        ctx.out.line(f"OK  {obj_url}  {human_size(result.size)}  crc32c={result.crc32c:08x} (from {result.source})")
-        ctx.out.record(
-            {
-                "url": obj_url,
-                "checkpoint": url,
-                "ok": True,
-                "size": result.size,
-                "crc32c": f"{result.crc32c:08x}",
-                "source": result.source,
-            }
-        )
+        # "crc32c=<hex> (from object)" as before for s3ckpt's own checkpoints; other algorithms alike.
+        label = result.algorithm.lower() + ("-composite" if result.checksum_type == "COMPOSITE" else "")
+        value = base64.b64decode(result.checksum.partition("-")[0]).hex()
+        ctx.out.line(f"OK  {obj_url}  {human_size(result.size)}  {label}={value} (from {result.source})")
+        record: dict[str, object] = {
+            "url": obj_url,
+            "checkpoint": url,
+            "ok": True,
+            "size": result.size,
+            "algorithm": result.algorithm,
+            "checksum_type": result.checksum_type,
+            "checksum": result.checksum,
+            "from": result.origin,
+            "source": result.source,
+        }
+        if result.crc32c is not None:
+            record["crc32c"] = f"{result.crc32c:08x}"
+        ctx.out.record(record)
 
 
 def _verify_one(ctx: Context, bucket: str, key: str, recorded: int | None) -> VerifyResult:
@@ -162,7 +187,8 @@ def _verify_entry(ctx: Context, bucket: str, entry: CheckpointEntry, tally: _Tal
 
 
 def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
-    """Check the CRC32C of a checkpoint, or of every checkpoint under a prefix. Exit 1 on any mismatch."""
+    """Check a checkpoint, or every checkpoint under a prefix, against its recorded checksum. Exit 1 on any
+    mismatch, 3 (:data:`EXIT_UNVERIFIABLE`) if none failed but some had nothing to check against."""
     t = ctx.transport
     bucket, key = s3_url(args.url)
     target: Target | None = find_target(t, args.url)
@@ -182,6 +208,9 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
             _verify_entry(ctx, bucket, entry, tally)
         ctx.out.note(
             f"{tally.ok + tally.bad} object(s) verified: {tally.ok} ok, {tally.bad} failed"
+            + (f"; {tally.unverifiable} could not be verified" if tally.unverifiable else "")
             + (f"; {tally.incomplete} incomplete checkpoint(s) skipped" if tally.incomplete else "")
         )
-    return 1 if tally.bad else 0
+    if tally.bad:
+        return 1
+    return EXIT_UNVERIFIABLE if tally.unverifiable else 0

@@ -1,7 +1,8 @@
 """The ``s3ckpt`` command line: argument parsing, dispatch, logging and the exit-status contract.
 
 Exit status: 0 success, 1 error (the reason on one ``s3ckpt: error:`` line of stderr), 2 usage error (bad
-flags or a malformed ``s3://`` URL), 130 interrupted. Tracebacks only with ``-v``.
+flags or a malformed ``s3://`` URL), 3 (``verify`` only) nothing to verify against: no checksum stored with the
+object and no manifest, which is not a corruption, 130 interrupted. Tracebacks only with ``-v``.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Inspect, verify, copy and clean up PyTorch / Lightning checkpoints on S3.",
-        epilog="Exit status: 0 ok, 1 error, 2 usage error. Credentials come from the standard AWS chain.",
+        epilog="Exit status: 0 ok, 1 error, 2 usage error, 3 unverifiable (verify). "
+        "Credentials come from the standard AWS chain.",
     )
     _global_options(parser, suppress=False)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("inspect", "show what a checkpoint holds (keys, tensors, dtypes, step) without downloading it")
     p.add_argument("url", metavar="URL", help="s3://bucket/key of a checkpoint, or a sharded checkpoint directory")
 
-    p = add("verify", "check checkpoints against their recorded CRC32C (exit 1 on any mismatch)")
+    p = add("verify", "check checkpoints against their recorded checksum (exit 1 on a mismatch, 3 if unverifiable)")
     p.add_argument("url", metavar="URL", help="a checkpoint, or a prefix: every checkpoint under it")
 
     p = add("cp", "copy checkpoints: S3 to local, local to S3, or S3 to S3")

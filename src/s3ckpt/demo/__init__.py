@@ -80,6 +80,9 @@ def _narrate(event: dict[str, Any]) -> None:
     elif kind == "removed":
         state = "cancelled" if event.get("cancelled") else "deleted"
         print(f"  top-k    {state} {event['path']}", flush=True)
+    elif kind == "copied":
+        what = "cancelled (its source failed)" if event.get("cancelled") else "server-side copy of"
+        print(f"  link     {event['dst'].rsplit('/', 1)[-1]} = {what} {event['src'].rsplit('/', 1)[-1]}", flush=True)
     elif kind == "resumed":
         print(f"  resumed  at global_step={event['global_step']} epoch={event['epoch']}", flush=True)
 
@@ -165,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {"dirpath": dirpath, "max_steps": 10**9, "every_n_train_steps": args.every, "width": args.width}
             log_path = os.path.join(tmp, "worker.log")
             with open(log_path, "w") as log:
-                print(f"\n[1/3] Training with async S3 checkpoints to {dirpath} (top-k=2, last) ...", flush=True)
+                print(
+                    f"\n[1/3] Training with async S3 checkpoints to {dirpath} "
+                    "(top-k=2, last.ckpt a server-side copy) ...",
+                    flush=True,
+                )
                 first = _run_worker("train", cfg, env, kill_after_saves=args.kill_after, log=log, timeout=args.timeout)
                 if first.returncode != -signal.SIGKILL:
                     failures.append(f"the training process was not killed as planned (exit {first.returncode})")
@@ -216,9 +223,15 @@ def _summary(
 ) -> None:
     saves = first.of("saved") + second.of("saved")
     removed = first.of("removed") + second.of("removed")
+    copies = first.of("copied") + second.of("copied")
+    made = [c for c in copies if not c.get("cancelled")]
     total = sum(e["bytes"] for e in saves)
     print("\nSummary", flush=True)
-    print(f"  checkpoints written      {len(saves)} ({total / 1e6:.1f} MB in total)")
+    print(f"  checkpoints uploaded     {len(saves)} ({total / 1e6:.1f} MB uploaded in total)")
+    print(
+        f"  last.ckpt copies         {len(made)} server-side ({sum(c['bytes'] for c in made) / 1e6:.1f} MB not "
+        f"uploaded again){f', {len(copies) - len(made)} cancelled' if len(copies) > len(made) else ''}"
+    )
     if saves:
         gbps = [e["bytes"] / e["upload_s"] / 1e9 for e in saves if e["upload_s"] > 0]
         stall = [e["stall_s"] for e in saves]

@@ -31,6 +31,7 @@ class Reporter(Callback):
         self.io = io
         self.seen = 0
         self.removals_seen = 0
+        self.copies_seen = 0
         self.state_out = state_out
 
     def _flush(self) -> None:
@@ -50,6 +51,14 @@ class Reporter(Callback):
         for rm in removals[self.removals_seen :]:
             emit("removed", path=rm.path, requested_at=rm.requested_at, done_at=rm.done_at, cancelled=rm.cancelled)
         self.removals_seen = len(removals)
+        copies = list(self.io.copies)
+        # In order, and only once finished (done or cancelled): the copy runs after its source commits.
+        while self.copies_seen < len(copies):
+            c = copies[self.copies_seen]
+            if c.done_at is None and not c.cancelled:
+                break
+            emit("copied", src=c.src, dst=c.dst, bytes=c.bytes, done_at=c.done_at, cancelled=c.cancelled)
+            self.copies_seen += 1
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.state_out:
@@ -88,17 +97,15 @@ def run(mode: str, cfg: dict[str, Any]) -> None:
         chunk_size_MB=cfg.get("chunk_size_MB", 8),
         max_read_concurrency=cfg.get("max_read_concurrency", 8),
         max_write_concurrency=cfg.get("max_write_concurrency", 4),
-        async_checkpointing=True,
-        # Lightning saves the top-k file and last.ckpt back to back at each checkpoint step: room for both
-        # keeps the second from waiting on the first (memory: two host snapshots of this small model).
-        max_pending_saves=2,
+        async_checkpointing=True,  # max_pending_saves=2 (the default): a save never waits for the previous upload
     )
     ckpt = S3ModelCheckpoint(
         dirpath=dirpath,
         filename="{epoch}-{step}",
         monitor="train_loss",
         save_top_k=cfg.get("save_top_k", 2),
-        save_last=True,
+        # last.ckpt as a server-side copy of the newest top-k file: each checkpoint is uploaded once.
+        save_last="link",
         every_n_train_steps=cfg["every_n_train_steps"],
     )
     reporter = Reporter(io, cfg.get("state_out") if mode == "resume" else None)

@@ -26,7 +26,12 @@ class S3CheckpointMetrics(Callback):
     * ``ckpt/bytes``: size of the checkpoint object;
     * ``ckpt/gbps``: ``bytes / save_seconds`` in GB/s (10^9 bytes);
     * ``ckpt/stall_seconds``: how long ``save_checkpoint`` blocked training (the whole save when
-      synchronous, the host snapshot when async).
+      synchronous, the host snapshot when async);
+    * ``ckpt/failed_saves``: how many saves of this run have failed so far (0 in a healthy run).
+
+    A save that failed (``S3CheckpointIO(on_save_error="warn")`` keeps training past it) logs
+    ``ckpt/failed_saves`` and ``ckpt/failed_save_seconds`` (from the save call until it gave up) instead of
+    the size and speed metrics.
 
     Async saves commit in the background, so each is logged at the first ``on_train_batch_end``,
     ``on_train_epoch_end`` or ``on_fit_end`` after it committed; ``on_fit_end`` runs after the plugin's
@@ -41,6 +46,8 @@ class S3CheckpointMetrics(Callback):
         self.prefix = prefix
         self._plugin: S3CheckpointIO | None = None
         self._seen = 0
+        self.failed_saves = 0
+        """Failed saves seen in this run (rank 0 and the others alike)."""
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -50,6 +57,7 @@ class S3CheckpointMetrics(Callback):
             return
         # Saves recorded before this stage (an earlier fit of the same plugin) are not this run's.
         self._seen = len(self._plugin.records)
+        self.failed_saves = 0
 
     @override
     def on_train_batch_end(
@@ -66,9 +74,12 @@ class S3CheckpointMetrics(Callback):
         self._emit(trainer)
 
     def metrics_of(self, record: SaveRecord) -> dict[str, float]:
-        """The metrics logged for one save."""
+        """The metrics logged for one save (``failed_saves`` as counted up to and including it)."""
         p = self.prefix
+        if record.failed:
+            return {f"{p}failed_saves": float(self.failed_saves), f"{p}failed_save_seconds": record.save_s}
         return {
+            f"{p}failed_saves": float(self.failed_saves),
             f"{p}save_seconds": record.save_s,
             f"{p}bytes": float(record.bytes),
             f"{p}gbps": record.gbps,
@@ -81,9 +92,10 @@ class S3CheckpointMetrics(Callback):
         # The worker thread only appends, so a slice taken here is a consistent prefix of the list.
         new = self._plugin.records[self._seen :]
         self._seen += len(new)
-        if not new or not trainer.is_global_zero:
-            return
         for record in new:
+            self.failed_saves += record.failed
+            if not trainer.is_global_zero:
+                continue
             metrics = self.metrics_of(record)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

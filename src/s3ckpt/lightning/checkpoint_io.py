@@ -14,10 +14,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Literal
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from typing_extensions import override
@@ -26,12 +26,14 @@ from .. import checkpoint as ck
 from ..async_saver import AsyncSaver
 from ..budget import check_request_budget
 from ..config import ClientConfig, RetryConfig, TransferConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, S3CheckpointError
 from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..serialization import clone_to_host
+from ..snapshot import SnapshotPool
 from ..transport.context import S3Transport
+from ..transport.upload import writers_paused
 
-__all__ = ["RemovalRecord", "S3CheckpointIO", "SaveRecord"]
+__all__ = ["CopyRecord", "RemovalRecord", "S3CheckpointIO", "SaveRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,12 @@ _CONFIG_KEYS = ("chunk_size_MB", "max_read_concurrency", "max_write_concurrency"
 
 @dataclass(frozen=True)
 class SaveRecord:
-    """Timing of one checkpoint save, for logging callbacks and benchmarks."""
+    """Timing of one checkpoint save, for logging callbacks and benchmarks; or of a save that failed.
+
+    A failed save (``on_save_error="warn"``, or the one raised with ``"raise"``) has ``failed`` True,
+    ``error`` set, ``bytes == 0`` and ``committed_at == 0.0``; nothing was committed at ``path`` (whatever
+    was there before, if anything, is still there).
+    """
 
     path: str
     bytes: int
@@ -52,6 +59,15 @@ class SaveRecord:
     committed_at: float
     upload_s: float = 0.0
     """Seconds spent serializing and uploading (the transfer itself, without queueing)."""
+    queued_s: float = 0.0
+    """Async: seconds of ``stall_s`` spent waiting for room behind earlier saves (the rest is the snapshot)."""
+    error: str = ""
+    """Why the save failed (the S3 error's message); empty for a committed checkpoint."""
+
+    @property
+    def failed(self) -> bool:
+        """True if this save was not committed."""
+        return bool(self.error)
 
     @property
     def gbps(self) -> float:
@@ -72,6 +88,20 @@ class RemovalRecord:
     """True if the deletion was cancelled because a save it waited for failed."""
 
 
+@dataclass
+class CopyRecord:
+    """One :meth:`S3CheckpointIO.copy_checkpoint` call (``save_last="link"``)."""
+
+    src: str
+    dst: str
+    requested_at: float
+    done_at: float | None = None
+    """When the copy and its manifest were written (None while pending, or if cancelled)."""
+    bytes: int = 0
+    cancelled: bool = False
+    """True if the copy was cancelled because the save of ``src`` (or one before it) failed."""
+
+
 def to_url(path: str | os.PathLike[str]) -> str:
     """``str`` of a path, repairing ``s3:/bucket`` that ``pathlib`` makes of ``s3://bucket``."""
     text = os.fspath(path)
@@ -86,12 +116,17 @@ class S3CheckpointIO(CheckpointIO):
     Args:
         dirpath: ``s3://bucket/prefix`` where checkpoints live (validated here; saves may name any
             ``s3://`` path).
-        chunk_size_MB: multipart part size in MiB (5-5120).
-        max_read_concurrency: ranged GETs in flight per load.
-        max_write_concurrency: parts in flight per save.
+        chunk_size_MB: multipart part size in MiB (5-5120); default 16 (NeMo's 64 works verbatim when
+            given). Unset knobs come from ``S3CKPT_*`` variables, else the measured defaults of
+            :class:`~s3ckpt.config.TransferConfig`.
+        max_read_concurrency: ranged GETs in flight per load; default 8 (NeMo's: 15).
+        max_write_concurrency: parts in flight per save; default 8 (NeMo's: 10).
         async_checkpointing: return from ``save_checkpoint`` once the state is snapshotted into host memory
             and upload in the background (see :mod:`s3ckpt.async_saver` for the guarantees).
-        max_pending_saves: async only: saves queued or running at once before a new one waits.
+        max_pending_saves: async only: saves queued or running at once before a new one waits; default 2,
+            so a save does not wait for the previous upload when uploads keep up on average. Host memory:
+            up to ``max_pending_saves`` snapshots plus ``(max_write_concurrency + 1) x chunk_size_MB`` of
+            part buffers.
         tensor_parallel_size, pipeline_parallel_size: how many ranks write under one prefix at once, for
             NeMo's request-budget rule ``concurrency * tp * pp * 1.15`` within 3,500 writes / 5,500 reads per
             second per prefix (see :mod:`s3ckpt.budget`).
@@ -99,6 +134,13 @@ class S3CheckpointIO(CheckpointIO):
         client: endpoint, region, credentials; default from the environment.
         retry: retry policy; default from the environment.
         verify: check each checkpoint's CRC32C before unpickling (``"require"`` refuses unverifiable ones).
+        on_save_error: what a save that fails on the store (an :class:`~s3ckpt.errors.S3CheckpointError`
+            once its retry deadline is spent, e.g. an outage longer than ``RetryConfig.deadline_s``) does to
+            the run. ``"raise"`` (default): the error stops training (sync: from that save; async: at the
+            next save or at teardown). ``"warn"``: training goes on; the save is logged as failed and kept
+            in :attr:`records` with ``failed=True`` (:attr:`failed_saves`), removals that depended on it are
+            cancelled (top-k never deletes an older checkpoint for a newer one that does not exist), and the
+            next save interval tries again. Other errors (a bug, an unpicklable object) always raise.
 
     Raises:
         ValueError: ``dirpath`` is not an ``s3://`` URL, or a knob is out of range.
@@ -107,18 +149,19 @@ class S3CheckpointIO(CheckpointIO):
     def __init__(
         self,
         dirpath: str,
-        chunk_size_MB: int = 64,
-        max_read_concurrency: int = 15,
-        max_write_concurrency: int = 10,
+        chunk_size_MB: int | None = None,
+        max_read_concurrency: int | None = None,
+        max_write_concurrency: int | None = None,
         async_checkpointing: bool = False,
         *,
-        max_pending_saves: int = 1,
+        max_pending_saves: int = 2,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         strict_request_budget: bool = False,
         client: ClientConfig | None = None,
         retry: RetryConfig | None = None,
         verify: bool | str = True,
+        on_save_error: Literal["raise", "warn"] = "raise",
     ) -> None:
         super().__init__()
         if not is_s3_url(dirpath):
@@ -128,26 +171,44 @@ class S3CheckpointIO(CheckpointIO):
             )
         parse_s3_url(dirpath)
         self.dirpath = dirpath
-        self.transfer = TransferConfig(
-            chunk_size_MB=chunk_size_MB,
-            max_read_concurrency=max_read_concurrency,
-            max_write_concurrency=max_write_concurrency,
-        )
-        # NeMo's rule, checked before the first save rather than discovered as 503 SlowDown mid-run.
+        # A knob given here wins (NeMo's values work verbatim); an unset one comes from its S3CKPT_* variable,
+        # else the measured default (see TransferConfig).
+        knobs = {
+            k: v
+            for k, v in (
+                ("chunk_size_MB", chunk_size_MB),
+                ("max_read_concurrency", max_read_concurrency),
+                ("max_write_concurrency", max_write_concurrency),
+            )
+            if v is not None
+        }
+        self.transfer = TransferConfig.from_env(**knobs)
+        # Checked before the first save rather than discovered as 503 SlowDown mid-run.
         self.request_budget = check_request_budget(
-            max_write_concurrency,
-            max_read_concurrency,
+            self.transfer.max_write_concurrency,
+            self.transfer.max_read_concurrency,
             tensor_parallel_size,
             pipeline_parallel_size,
             strict=strict_request_budget,
+            part_size_MB=self.transfer.chunk_size_MB,
+            read_size_MB=self.transfer.read_chunk_size_MB,
         )
         self.async_checkpointing = bool(async_checkpointing)
         self.verify = verify
+        if on_save_error not in ("raise", "warn"):
+            raise ValueError(f"S3CheckpointIO(on_save_error={on_save_error!r}): must be 'raise' or 'warn'")
+        self.on_save_error = on_save_error
+        # Sync, "warn": the last save failed, so a removal asked for now would delete the last good one.
+        self._last_save_failed = False
         self.transport = S3Transport.create(client=client, retry=retry, transfer=self.transfer)
         self._saver = AsyncSaver(max_pending_saves) if self.async_checkpointing else None
+        # Buffers of finished snapshots, reused by the next one (no page faults in the stall); bounded to
+        # max_pending_saves snapshots in use or kept.
+        self._snapshots = SnapshotPool(max_pending_saves) if self.async_checkpointing else None
         self._records_lock = threading.Lock()
         self.records: list[SaveRecord] = []
         self.removals: list[RemovalRecord] = []
+        self.copies: list[CopyRecord] = []
 
     @classmethod
     def from_config(cls, cfg: Any, dirpath: str, **kwargs: Any) -> S3CheckpointIO:
@@ -185,22 +246,53 @@ class S3CheckpointIO(CheckpointIO):
         url = self._url(path)
         start = time.perf_counter()
         if self._saver is None:
-            stats = ck.save(checkpoint, url, transport=self.transport)
+            try:
+                stats = ck.save(checkpoint, url, transport=self.transport)
+            except S3CheckpointError as exc:
+                elapsed = time.perf_counter() - start
+                self._record(SaveRecord(url, 0, elapsed, elapsed, 0.0, error=str(exc)))
+                self._last_save_failed = True
+                if self.on_save_error == "raise":
+                    raise
+                return
+            self._last_save_failed = False
             elapsed = time.perf_counter() - start
             self._record(SaveRecord(url, stats.bytes, elapsed, elapsed, time.time(), stats.seconds))
             return
         saver = self._saver
-        saver.raise_if_failed()
-        saver.wait_for_room()
-        # Snapshot on the caller's thread: training may change the tensors as soon as we return.
-        snapshot = clone_to_host(checkpoint, pin_memory=True)
+        self._raise_background_failure(saver.raise_if_failed)
+        queued = saver.wait_for_room()
+        # Snapshot on the caller's thread: training may change the tensors as soon as we return. The previous
+        # save's serializer pauses meanwhile, or the GIL handoffs would make the snapshot several times slower.
+        pool = self._snapshots
+        copy, buffers = pool.copier() if pool is not None else (None, [])
+        with writers_paused():
+            snapshot = clone_to_host(checkpoint, pin_memory=True, copy=copy)
         stall = time.perf_counter() - start
 
         def upload() -> None:
-            stats = ck.save(snapshot, url, transport=self.transport)
-            self._record(SaveRecord(url, stats.bytes, stall, time.perf_counter() - start, time.time(), stats.seconds))
+            try:
+                stats = ck.save(snapshot, url, transport=self.transport)
+            except S3CheckpointError as exc:
+                failed_after = time.perf_counter() - start
+                self._record(SaveRecord(url, 0, stall, failed_after, 0.0, queued_s=queued, error=str(exc)))
+                raise  # the saver cancels the removals and copies that waited for this save
+            finally:
+                if pool is not None:  # uploaded (or failed): its buffers may hold the next snapshot
+                    pool.release(buffers)
+            done = time.perf_counter() - start
+            self._record(SaveRecord(url, stats.bytes, stall, done, time.time(), stats.seconds, queued))
 
-        saver.submit_save(url, upload)
+        while True:
+            try:
+                saver.submit_save(url, upload)
+                return
+            except S3CheckpointError:
+                if self.on_save_error == "raise":
+                    if pool is not None:  # never queued: its buffers are free again
+                        pool.release(buffers)
+                    raise
+                # "warn": an earlier background save failed meanwhile (recorded and logged); submit again.
 
     @override
     def load_checkpoint(
@@ -243,22 +335,80 @@ class S3CheckpointIO(CheckpointIO):
             record.done_at = time.time()
 
         if self._saver is None:
-            remove()
+            if self._last_save_failed:
+                # "warn": Lightning removes the checkpoint the failed save was meant to replace; keep it.
+                log.warning("not removing %s: the save before it failed, so it may be the last good one", url)
+                record.cancelled = True
+                return
+            # An old checkpoint left behind costs space, never data: with "warn" a store error here is logged.
+            self._raise_background_failure(remove)
             return
         self._saver.submit_removal(url, remove, on_cancel=lambda: setattr(record, "cancelled", True))
 
+    def copy_checkpoint(self, src: Any, dst: Any) -> None:
+        """Make ``dst`` a server-side copy of the checkpoint ``src`` (``save_last="link"`` on S3).
+
+        No byte is uploaded: the store copies the object (CopyObject, or UploadPartCopy beyond 5 GiB) and
+        ``dst`` gets a manifest of its own with ``src``'s CRC32C, so it loads and verifies as a checkpoint
+        of its own. Async: queued behind the pending saves and made only once they have committed (never a
+        copy of an uncommitted object); cancelled if one of them failed (``CopyRecord.cancelled``).
+        """
+        from ..checkpoint_copy import copy
+
+        src_url, dst_url = self._url(src), self._url(dst)
+        record = CopyRecord(src_url, dst_url, time.time())
+        with self._records_lock:
+            self.copies.append(record)
+
+        def run() -> None:
+            stats = copy(src_url, dst_url, transport=self.transport)
+            record.bytes = stats.bytes
+            record.done_at = time.time()
+            log.info("copied %s -> %s on the store (%d bytes, %.2f s)", src_url, dst_url, stats.bytes, stats.seconds)
+
+        if self._saver is None:
+            if self._last_save_failed:  # "warn": the source was not committed
+                log.warning("not writing %s: the save of %s failed", dst_url, src_url)
+                record.cancelled = True
+                return
+            run()
+            return
+        self._saver.submit_after_commit(dst_url, run, on_cancel=lambda: setattr(record, "cancelled", True))
+
     @override
     def teardown(self) -> None:
-        """Wait for every pending save and removal; raise the first background failure."""
+        """Wait for every pending save and removal; raise the first background failure (with
+        ``on_save_error="warn"``, a failure on the store is logged instead)."""
         if self._saver is not None:
-            self._saver.close()
+            try:
+                self._raise_background_failure(self._saver.close)
+            finally:
+                if self._snapshots is not None:
+                    self._snapshots.clear()
 
     # -- helpers ---------------------------------------------------------------------------------------
 
     def wait(self) -> None:
-        """Block until background work is done (raises a stored failure). A no-op when synchronous."""
+        """Block until background work is done (raises a stored failure, as :meth:`teardown`). A no-op when
+        synchronous."""
         if self._saver is not None:
-            self._saver.wait()
+            self._raise_background_failure(self._saver.wait)
+
+    @property
+    def failed_saves(self) -> list[SaveRecord]:
+        """The saves that were not committed (``on_save_error="warn"`` keeps training past them)."""
+        with self._records_lock:
+            return [r for r in self.records if r.failed]
+
+    def _raise_background_failure(self, step: Callable[[], Any]) -> None:
+        """Run ``step`` (a saver call that raises a stored background failure, or a removal); with ``"warn"``
+        a failure on the store is logged (a failed save is also in :attr:`records`) and does not stop the run."""
+        try:
+            step()
+        except S3CheckpointError as exc:
+            if self.on_save_error == "raise":
+                raise
+            log.warning("continuing after a failure on the store (on_save_error='warn'): %s", exc)
 
     @property
     def cancelled_removals(self) -> list[str]:
@@ -268,6 +418,16 @@ class S3CheckpointIO(CheckpointIO):
     def _record(self, record: SaveRecord) -> None:
         with self._records_lock:
             self.records.append(record)
+        if record.failed:
+            # Logged as an error whatever the policy: with "warn" this line is all that says it happened.
+            log.error(
+                "checkpoint %s FAILED after %.2f s and was not saved (on_save_error=%r): %s",
+                record.path,
+                record.save_s,
+                self.on_save_error,
+                record.error,
+            )
+            return
         log.info(
             "saved %s: %.1f MB in %.2f s (%.3f GB/s), training stalled %.2f s",
             record.path,

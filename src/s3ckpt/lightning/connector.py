@@ -25,7 +25,15 @@ from lightning.pytorch.trainer.connectors.checkpoint_connector import _Checkpoin
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from ..distributed import VerifyPolicy, _capture, _Outcome, find_resume_checkpoint, is_initialized, resolve_resume_path
+from ..distributed import (
+    VerifyPolicy,
+    _capture,
+    _Outcome,
+    destroy_process_group_at_exit,
+    find_resume_checkpoint,
+    is_initialized,
+    resolve_resume_path,
+)
 from ..transport.context import S3Transport
 from .model_checkpoint import find_s3_checkpoint_io
 
@@ -91,6 +99,9 @@ class S3CheckpointConnector(_CheckpointConnector):
             # validate or test without ckpt_path uses the trained model, not the checkpoint resumed from.
             self._configured = self._user_managed = False
         if pending is not None:
+            if pending.error is not None or pending.local is not None:
+                # Raised on every rank, out of fit, which leaves Lightning's process group alive.
+                destroy_process_group_at_exit()
             pending.unwrap()
         return checkpoint_path
 

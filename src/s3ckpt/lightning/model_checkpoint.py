@@ -9,12 +9,17 @@ Drop-in: every ``ModelCheckpoint`` argument (``save_top_k``, ``save_last``, ``mo
   applies that rule to local paths only). Deletions go through ``trainer.strategy.remove_checkpoint``, so
   in async mode the plugin defers them until the newer save has committed.
 * ``trainer.fit(ckpt_path="last")`` finds ``last*.ckpt`` on S3 and keeps the ``s3://`` URL intact.
+* ``save_last="link"`` works: ``last.ckpt`` becomes a server-side copy of the newest top-k file
+  (:meth:`S3CheckpointIO.copy_checkpoint`), made after that file has committed, so each checkpoint is
+  uploaded once. The copy is a checkpoint of its own (own manifest, verified on load; ``ls``, ``prune`` and
+  resume see it like any file), not a pointer that breaks when top-k deletes its source.
 * ``dirpath`` may be left out: the plugin's ``dirpath`` is used.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import threading
@@ -24,6 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from ..errors import S3CheckpointError
 from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..transport import ops
 from .checkpoint_io import S3CheckpointIO, to_url
@@ -33,6 +39,9 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = ["S3ModelCheckpoint", "find_s3_checkpoint_io"]
+
+
+log = logging.getLogger(__name__)
 
 
 def find_s3_checkpoint_io(trainer: pl.Trainer) -> S3CheckpointIO | None:
@@ -109,12 +118,12 @@ class S3ModelCheckpoint(ModelCheckpoint):
         *args, **kwargs: as :class:`lightning.pytorch.callbacks.ModelCheckpoint`.
 
     Raises:
-        ValueError: ``dirpath`` is not an ``s3://`` URL, or ``save_last="link"`` (S3 has no links).
+        ValueError: ``dirpath`` is not an ``s3://`` URL.
 
     Example::
 
         io = S3CheckpointIO("s3://bucket/run1", async_checkpointing=True)
-        ckpt = S3ModelCheckpoint(monitor="val_loss", save_top_k=2, save_last=True)
+        ckpt = S3ModelCheckpoint(monitor="val_loss", save_top_k=2, save_last="link")
         trainer = Trainer(plugins=[io], callbacks=[ckpt])
         trainer.fit(model, ckpt_path="last")
     """
@@ -123,12 +132,10 @@ class S3ModelCheckpoint(ModelCheckpoint):
         url = _normalize_dirpath(dirpath, type(self).__name__) if dirpath is not None else None
         # No dirpath for Lightning: its own handling asks fsspec for an "s3" filesystem, which needs s3fs.
         super().__init__(None, *args, **kwargs)
-        if self.save_last == "link":
-            raise ValueError(
-                f"{type(self).__name__}(save_last='link'): S3 has no symbolic links; use save_last=True "
-                "(Lightning allows 'link' only for local file paths)"
-            )
         self.dirpath = url
+        # (source, link) of the last server-side copy: Lightning re-links after every validation even when
+        # no new top-k file was saved; the copy is then already in place.
+        self._linked: tuple[str, str] | None = None
         # Bound to the trainer's plugin transport in setup (and when resolving ckpt_path="last").
         self._fs = S3FileSystem()
 
@@ -211,3 +218,105 @@ class S3ModelCheckpoint(ModelCheckpoint):
             return False
         dirpath = self._resolve_dirpath(trainer)
         return prev.startswith(dirpath + "/")
+
+    def _link_checkpoint(self, trainer: pl.Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
+        """``save_last="link"`` on S3: a server-side copy of ``filepath`` at ``linkpath``, on rank 0, ordered
+        behind the save of ``filepath`` (Lightning's static version makes a symlink, which S3 lacks)."""
+        src, dst = to_url(filepath).rstrip("/"), to_url(linkpath).rstrip("/")
+        if not (is_s3_url(src) and is_s3_url(dst)):
+            ModelCheckpoint._link_checkpoint(trainer, filepath, linkpath)
+            return
+        if trainer.is_global_zero and src != dst and self._linked != (src, dst):
+            plugin = find_s3_checkpoint_io(trainer)
+            if plugin is None:
+                raise ValueError(
+                    f"{type(self).__name__}(save_last='link') on S3 needs Trainer(plugins=[S3CheckpointIO(...)]): "
+                    "the link is a server-side copy made by the plugin"
+                )
+            plugin.copy_checkpoint(src, dst)
+        self._linked = (src, dst)
+        trainer.strategy.barrier()
+
+    # -- saves that failed (S3CheckpointIO(on_save_error="warn")) ----------------------------------------------
+
+    @override
+    def file_exists(self, filepath: Any, trainer: pl.Trainer) -> bool:
+        """Lightning's check (rank 0 looks, every rank learns), except that with ``on_save_error="warn"`` a
+        store that cannot answer counts as "no such file": the save that follows meets the same outage and
+        is recorded as failed, instead of the lookup stopping the run."""
+        local = False
+        if trainer.is_global_zero:
+            try:
+                local = self._fs.exists(filepath)
+            except S3CheckpointError as exc:
+                plugin = find_s3_checkpoint_io(trainer)
+                if plugin is None or plugin.on_save_error != "warn":
+                    raise
+                log.warning("could not check whether %s exists (%s); assuming it does not", filepath, exc)
+        return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
+
+    @override
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        self._forget_failed_saves(trainer)
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    @override
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        self._forget_failed_saves(trainer)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the plugin's teardown: the outcome of every async save is known.
+        self._forget_failed_saves(trainer)
+        super().on_fit_end(trainer, pl_module)
+
+    def _forget_failed_saves(self, trainer: pl.Trainer) -> None:
+        """Take saves that failed out of the top-k and last bookkeeping.
+
+        Lightning records a checkpoint as saved when it asks for it. A failed save left in ``best_k_models``
+        would hold a top-k slot (so a good checkpoint could be evicted next to it), and ``best_model_path``
+        or ``last_model_path`` would name an object that was never written. Its older checkpoints were kept
+        (removals behind a failed save are cancelled), so the bookkeeping falls back to them.
+        """
+        plugin = find_s3_checkpoint_io(trainer)
+        if plugin is None:
+            return
+        failed = plugin.failed_saves
+        new = {r.path for r in failed[getattr(self, "_failed_seen", 0) :]}
+        self._failed_seen = len(failed)
+        if not new:
+            return
+        dropped = [k for k in self.best_k_models if to_url(k).rstrip("/") in new]
+        for key in dropped:
+            del self.best_k_models[key]
+        if dropped and self.best_k_models:
+            worst, best = (max, min) if self.mode == "min" else (min, max)
+            self.kth_best_model_path = worst(self.best_k_models, key=self.best_k_models.get)  # type: ignore[arg-type]
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+            self.best_model_path = best(self.best_k_models, key=self.best_k_models.get)  # type: ignore[arg-type]
+            self.best_model_score = self.best_k_models[self.best_model_path]
+        elif to_url(self.best_model_path).rstrip("/") in new:
+            # No scores to choose by (no monitor): the newest committed save that was not removed.
+            removed = {r.path for r in plugin.removals if r.done_at is not None}
+            good = [
+                r.path
+                for r in plugin.records
+                if not r.failed
+                and r.path not in removed
+                and not r.path.rsplit("/", 1)[-1].startswith(self.CHECKPOINT_NAME_LAST or "last")
+            ]
+            self.best_model_path = good[-1] if good else ""
+            self.kth_best_model_path = self.best_model_path if self.best_k_models else ""
+            if not self.best_k_models:
+                self.best_model_score = None
+        last = to_url(self.last_model_path).rstrip("/")
+        if last in new:
+            # A failed save replaces nothing: the path still holds its last committed save, if it had one.
+            removed = {r.path for r in plugin.removals if r.done_at is not None}
+            if last in removed or not any(r.path == last and not r.failed for r in plugin.records):
+                self.last_model_path = ""
+        rank_zero_warn(
+            f"{type(self).__name__}: {len(new)} checkpoint save(s) failed and are not tracked: {sorted(new)}; "
+            f"best_model_path is now {self.best_model_path or 'unset'!r}"
+        )

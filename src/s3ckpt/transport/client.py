@@ -78,6 +78,25 @@ class ClientFactory:
                 self._pid = pid
             return self._client
 
+    def refresh(self, stale: Any) -> bool:
+        """Forget ``stale`` (a client whose credentials were refused) so the next :meth:`get` builds a new
+        one, resolving the credential chain again (environment, profile, ``credential_process``, role).
+
+        Only if ``stale`` is still the current client: when many threads meet the same refusal, the first
+        one rebuilds and the others use its client. Requests in flight on the old client finish on it.
+
+        Returns:
+            False when the keys are given explicitly in :class:`ClientConfig`: a new client would sign with
+            the same ones, so a retry cannot help.
+        """
+        if self.config.access_key_id is not None:
+            return False
+        with self._lock:
+            if self._client is stale and self._pid == os.getpid():
+                self._client = None
+                log.info("S3 credentials were refused; rebuilding the client to pick up fresh ones")
+        return True
+
     def _build(self) -> Any:
         cfg = self.config
         session = boto3.session.Session(

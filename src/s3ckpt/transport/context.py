@@ -61,13 +61,25 @@ class S3Transport:
         on_retry: Callable[[BaseException], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> T:
-        """Run ``fn(client)`` under the retry policy; errors come out translated (see ``retry.py``)."""
+        """Run ``fn(client)`` under the retry policy; errors come out translated (see ``retry.py``).
+
+        A refusal that fresh credentials may cure (expired or rotated keys) rebuilds this process's client,
+        which resolves the credential chain again, and retries once.
+        """
+        used: list[Any] = []
+
+        def attempt() -> T:
+            client = self.clients.get()
+            used.append(client)
+            return fn(client)
+
         return self.retrier.call(
-            lambda: fn(self.clients.get()),
+            attempt,
             op=op,
             bucket=bucket,
             key=key,
             deadline_s=deadline_s,
             on_retry=on_retry,
             cancelled=cancelled,
+            refresh_credentials=lambda: self.clients.refresh(used[-1]),
         )

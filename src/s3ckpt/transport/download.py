@@ -2,9 +2,10 @@
 
 The object is split into ranges of ``read_chunk_size_MB``; at most ``max_read_concurrency`` ranged GETs run
 at once, and each writes its bytes straight into its slice of the caller's buffer (no intermediate copy,
-no second buffer). Every range is pinned to the ETag the caller saw with ``If-Match``: if the object is
-replaced mid-download the store answers 412 and the download fails, so a result is never stitched together
-from two versions of an object.
+no second buffer). Given a :class:`~.checksums.RangeDigest`, each range's checksum is computed from its
+bytes as they arrive, on the thread that fetched them (no second pass over the buffer). Every range is
+pinned to the ETag the caller saw with ``If-Match``: if the object is replaced mid-download the store
+answers 412 and the download fails, so a result is never stitched together from two versions of an object.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConflictError
+from .checksums import RangeDigest
 from .context import S3Transport
 from .ops import ObjectInfo
 from .retry import RetryableError
@@ -48,6 +50,7 @@ def download_into(
     target: memoryview,
     *,
     progress: Callable[[int], None] | None = None,
+    digest: RangeDigest | None = None,
 ) -> None:
     """Download the object described by ``info`` (from :func:`ops.head`) into ``target``.
 
@@ -56,6 +59,7 @@ def download_into(
         info: size and ETag of the object; every range is pinned to this ETag.
         target: a writable buffer of exactly ``info.size`` bytes.
         progress: called with the byte count of each completed range.
+        digest: fed every range's bytes as they arrive (read ``digest.digests()`` afterwards).
 
     Raises:
         ObjectChangedError: the object changed during the download.
@@ -73,7 +77,7 @@ def download_into(
         if failed.is_set():
             return
         try:
-            fetch_range(t, info, target[start:end], start, end, cancelled=failed.is_set)
+            fetch_range(t, info, target[start:end], start, end, cancelled=failed.is_set, digest=digest)
         except BaseException:
             failed.set()  # the other ranges stop retrying: the download has failed already
             raise
@@ -104,6 +108,7 @@ def download_to_path(
     *,
     progress: Callable[[int], None] | None = None,
     check: Callable[[memoryview], None] | None = None,
+    digest: Callable[[memoryview], RangeDigest] | None = None,
 ) -> None:
     """Download the object into the file ``dest`` with :func:`download_into`.
 
@@ -112,6 +117,8 @@ def download_to_path(
 
     Args:
         check: sees the downloaded bytes before the rename; raising from it leaves ``dest`` untouched.
+        digest: builds the :class:`RangeDigest` fed while the bytes arrive, given the mapped target (the
+            ``check`` can then read its digests instead of hashing the file again).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.s3ckpt-partial-{os.getpid()}")
@@ -122,7 +129,9 @@ def download_to_path(
                 with mmap.mmap(f.fileno(), info.size) as m:
                     view = memoryview(m)
                     try:
-                        download_into(t, info, view, progress=progress)
+                        download_into(
+                            t, info, view, progress=progress, digest=digest(view) if digest is not None else None
+                        )
                         if check is not None:
                             check(view)
                     finally:
@@ -143,9 +152,10 @@ def fetch_range(
     end: int,
     *,
     cancelled: Callable[[], bool] | None = None,
+    digest: RangeDigest | None = None,
 ) -> None:
     """GET bytes ``[start, end)`` of the object, pinned to ``info.etag``, into ``out`` (retried as a whole;
-    a short body is fetched again).
+    a short body is fetched again). Each attempt feeds ``digest`` afresh; only a whole range counts.
 
     Raises:
         ObjectChangedError: the object's ETag no longer matches.
@@ -156,13 +166,16 @@ def fetch_range(
     def get(c: Any) -> None:
         resp = c.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=info.etag)
         body = resp["Body"]
+        part = digest.begin(start, end) if digest is not None else None
         try:
-            got = _read_body_into(body, out[:expected])
+            got = _read_body_into(body, out[:expected], part.update if part is not None else None)
         finally:
             body.close()
         if got != expected:
             # A truncated body: the range is simply fetched again (it overwrites the same slice).
             raise RetryableError(f"short read of s3://{bucket}/{key} bytes {start}-{end - 1}: {got}/{expected}")
+        if part is not None:
+            part.done()
 
     try:
         t.call("GetObject", bucket, key, get, cancelled=cancelled)
@@ -173,8 +186,9 @@ def fetch_range(
         ) from exc
 
 
-def _read_body_into(body: Any, out: memoryview) -> int:
+def _read_body_into(body: Any, out: memoryview, on_data: Callable[[memoryview], None] | None = None) -> int:
     """Read a response body into ``out``; returns the byte count (short if the body was truncated).
+    ``on_data`` sees each slice right after it lands, while it is still in the CPU's cache.
 
     urllib3's ``readinto`` is ``read()`` plus a copy: a new bytes object per call and every byte copied
     twice. For a plain (not chunked, not encoded) body we read from the underlying ``http.client`` response,
@@ -193,12 +207,25 @@ def _read_body_into(body: Any, out: memoryview) -> int:
     got = 0
     while got < total:
         view = out[got : min(total, got + _READ_SLICE)]
-        n = fp.readinto(view) if direct else body.readinto(view)
+        n = fp.readinto(view) if direct else _generic_readinto(body, view)
         if not n:
             break
+        if on_data is not None:
+            on_data(out[got : got + n])
         got += n
     if direct and got == total and fp.isclosed():
         # The message is complete, so the socket sits at a clean boundary: reuse it (closing the body
         # would otherwise close the connection).
         raw.release_conn()
     return got
+
+
+def _generic_readinto(body: Any, view: memoryview) -> int:
+    """``body.readinto(view)``; botocore's ``StreamingBody`` has it only since 1.38.20, so older releases
+    (still inside the supported range) read and copy."""
+    readinto = getattr(body, "readinto", None)
+    if readinto is not None:
+        return int(readinto(view))
+    data = body.read(len(view))
+    view[: len(data)] = data
+    return len(data)

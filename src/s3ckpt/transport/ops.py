@@ -12,12 +12,14 @@ from typing import Any
 
 import crc32c as _crc32c
 
-from ..errors import S3NotFoundError, S3TransferError
+from ..errors import S3CheckpointError, S3NotFoundError, S3TransferError
+from .checksums import ALGORITHMS, FULL_OBJECT, StoredChecksum
 from .context import S3Transport
 
 __all__ = [
     "ListedObject",
     "ObjectInfo",
+    "PartInfo",
     "PendingUpload",
     "abort_upload",
     "check_bucket",
@@ -32,6 +34,7 @@ __all__ = [
     "list_objects",
     "list_prefixes",
     "list_uploads",
+    "object_parts",
     "put_bytes",
 ]
 
@@ -46,7 +49,7 @@ def crc32c_b64(value: int) -> str:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """What HEAD says about one object."""
+    """What HEAD says about one object (asked with ``ChecksumMode=ENABLED``, so with its stored checksums)."""
 
     bucket: str
     key: str
@@ -55,7 +58,36 @@ class ObjectInfo:
     last_modified: datetime | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     checksum_crc32c: str | None = None
-    """Full-object CRC32C (base64) if the store keeps one, else None."""
+    """Full-object CRC32C (base64) if the store keeps one, else None (also None for a composite CRC32C)."""
+    checksums: dict[str, str] = field(default_factory=dict)
+    """Every checksum the store returned: algorithm (``"CRC32"``, ``"CRC32C"``, ``"CRC64NVME"``, ``"SHA1"``,
+    ``"SHA256"``) -> the value exactly as sent: base64 of the digest, with a ``-<parts>`` suffix for a
+    COMPOSITE one. Empty if the store keeps none. A server-side copy may carry another algorithm than its
+    source (SeaweedFS gives a copy a CRC32): :attr:`stored_checksums` reads any of them."""
+    checksum_type: str | None = None
+    """``"FULL_OBJECT"`` or ``"COMPOSITE"`` (the ``x-amz-checksum-type`` header, or inferred from a
+    ``-<parts>`` suffix where the store omits it); None if the store returned no checksum."""
+
+    @property
+    def stored_checksums(self) -> list[StoredChecksum]:
+        """The store's checksums, parsed, in s3ckpt's order of preference (cheapest to verify first, and
+        full-object ones before composite ones)."""
+        found = [
+            StoredChecksum.parse(alg, self.checksums[alg], self.checksum_type)
+            for alg in ALGORITHMS
+            if self.checksums.get(alg)
+        ]
+        return sorted(found, key=lambda c: c.checksum_type != FULL_OBJECT)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One part of a multipart object: its size, and its checksums where the store reports them
+    (algorithm -> base64 digest)."""
+
+    number: int
+    size: int
+    checksums: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,9 +116,13 @@ def head(t: S3Transport, bucket: str, key: str) -> ObjectInfo:
         S3NotFoundError: if the object (or bucket) does not exist.
     """
     resp = t.call("HeadObject", bucket, key, lambda c: c.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
-    crc = resp.get("ChecksumCRC32C")
+    checksums = {alg: str(resp[f"Checksum{alg}"]) for alg in ALGORITHMS if resp.get(f"Checksum{alg}")}
+    kind = resp.get("ChecksumType")
+    if checksums and kind not in ("FULL_OBJECT", "COMPOSITE"):
+        kind = "COMPOSITE" if any("-" in v for v in checksums.values()) else "FULL_OBJECT"
+    crc = checksums.get("CRC32C")
     # A COMPOSITE checksum ("<b64>-<parts>") is a checksum of part checksums, not of the object.
-    if crc and (resp.get("ChecksumType") == "COMPOSITE" or "-" in crc):
+    if crc and (kind == "COMPOSITE" or "-" in crc):
         crc = None
     return ObjectInfo(
         bucket=bucket,
@@ -96,7 +132,66 @@ def head(t: S3Transport, bucket: str, key: str) -> ObjectInfo:
         last_modified=resp.get("LastModified"),
         metadata=dict(resp.get("Metadata") or {}),
         checksum_crc32c=crc,
+        checksums=checksums,
+        checksum_type=kind if checksums else None,
     )
+
+
+# Parts of a composite checksum looked up one HEAD each where GetObjectAttributes is missing: beyond this,
+# the object is reported unverifiable rather than paying thousands of requests.
+_MAX_PART_HEADS = 1000
+
+
+def object_parts(t: S3Transport, info: ObjectInfo, parts: int) -> list[PartInfo] | None:
+    """The parts of a multipart object (sizes and per-part checksums), in order: from GetObjectAttributes
+    (``ObjectParts``), else one ``HEAD ?partNumber=N`` per part. None if the store tells neither.
+
+    Args:
+        parts: the part count (from the composite checksum's ``-<parts>`` suffix).
+    """
+    bucket, key = info.bucket, info.key
+    found: list[PartInfo] = []
+    marker = 0
+    try:
+        while True:
+            kwargs: dict[str, Any] = {
+                "Bucket": bucket,
+                "Key": key,
+                "ObjectAttributes": ["ObjectParts"],
+                "MaxParts": 1000,
+                "PartNumberMarker": marker,
+            }
+            resp = t.call("GetObjectAttributes", bucket, key, partial(_object_attributes, kwargs))
+            page = resp.get("ObjectParts") or {}
+            for p in page.get("Parts") or []:
+                sums = {alg: str(p[f"Checksum{alg}"]) for alg in ALGORITHMS if p.get(f"Checksum{alg}")}
+                found.append(PartInfo(int(p["PartNumber"]), int(p["Size"]), sums))
+            if not page.get("IsTruncated") or not page.get("NextPartNumberMarker"):
+                break
+            marker = int(page["NextPartNumberMarker"])
+    except S3NotFoundError:
+        raise
+    except S3CheckpointError:
+        found = []  # the store has no GetObjectAttributes: ask for each part below
+    if len(found) == parts and sum(p.size for p in found) == info.size:
+        return sorted(found, key=lambda p: p.number)
+    if parts > _MAX_PART_HEADS:
+        return None
+    found = []
+    for n in range(1, parts + 1):
+        resp = t.call("HeadObject", bucket, key, partial(_head_part, bucket, key, n, info.etag))
+        sums = {alg: str(resp[f"Checksum{alg}"]) for alg in ALGORITHMS if resp.get(f"Checksum{alg}")}
+        found.append(PartInfo(n, int(resp["ContentLength"]), sums))
+    return found if sum(p.size for p in found) == info.size else None
+
+
+def _object_attributes(kwargs: dict[str, Any], c: Any) -> dict[str, Any]:
+    return dict(c.get_object_attributes(**kwargs))
+
+
+def _head_part(bucket: str, key: str, number: int, etag: str, c: Any) -> dict[str, Any]:
+    resp = c.head_object(Bucket=bucket, Key=key, PartNumber=number, IfMatch=etag, ChecksumMode="ENABLED")
+    return dict(resp)
 
 
 def check_bucket(t: S3Transport, bucket: str) -> None:

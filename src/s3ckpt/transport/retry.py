@@ -27,7 +27,7 @@ from ..errors import (
     S3TransferError,
 )
 
-__all__ = ["Retrier", "RetryableError", "error_code", "is_retryable", "translate_error"]
+__all__ = ["Retrier", "RetryableError", "error_code", "is_retryable", "is_store_down", "translate_error"]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,16 @@ _DENIED_CODES = frozenset(
         "InvalidToken",
         "ExpiredToken",
         "TokenRefreshRequired",
+        "RequestTimeTooSkewed",
         "AllAccessDisabled",
         "AccountProblem",
     }
+)
+# Refusals that fresh credentials can cure: temporary keys that expired or were rotated out on the server
+# while this process still held them. Each call refreshes its credentials once, then retries at once; a
+# second refusal is final (wrong keys stay wrong: no retry storm, no access-denied error delayed).
+_STALE_CREDENTIAL_CODES = frozenset(
+    {"InvalidAccessKeyId", "ExpiredToken", "SignatureDoesNotMatch", "InvalidToken", "TokenRefreshRequired"}
 )
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchUpload"})
 
@@ -86,6 +93,25 @@ _RETRYABLE_EXC: tuple[type[BaseException], ...] = (
     http.client.IncompleteRead,
     http.client.RemoteDisconnected,
 )
+
+
+# "The store is down": nothing reached the server (connection refused, no route, connect timeout). A store
+# that crashed or is being restarted answers like this for as long as it is down, which can outlast any fixed
+# attempt count, and a refused connection costs the server nothing; so once this Retrier has had an answer
+# from the store, these errors are retried until the deadline whatever the attempt count, with the backoff
+# capped at _DOWN_MAX_DELAY_S so the save resumes within about that long after the store is back. Before the
+# first answer they count like any other error: a wrong endpoint fails after max_attempts, not the deadline.
+_STORE_DOWN_EXC: tuple[type[BaseException], ...] = (
+    bce.EndpointConnectionError,  # includes botocore's ConnectionRefused / NewConnectionError wrappers
+    bce.ConnectTimeoutError,
+    ConnectionRefusedError,
+)
+_DOWN_MAX_DELAY_S = 2.0
+
+
+def is_store_down(exc: BaseException) -> bool:
+    """True when the request never reached the server: connection refused, connect timeout, no route."""
+    return isinstance(exc, _STORE_DOWN_EXC)
 
 
 class RetryableError(Exception):
@@ -146,6 +172,10 @@ def translate_error(exc: BaseException, op: str, bucket: str, key: str | None, e
             "SignatureDoesNotMatch": "the secret key is wrong for this access key: check "
             "AWS_SECRET_ACCESS_KEY (and the region)",
             "ExpiredToken": "the session token expired: refresh your credentials",
+            # A signature is valid for 15 minutes around the signer's clock: retrying cannot help.
+            "RequestTimeTooSkewed": "this machine's clock differs from the server's by more than 15 minutes, "
+            "so its request signatures are refused. Sync the clock (NTP: `timedatectl set-ntp true`, chrony "
+            "or ntpd; in a container, the host's clock)",
         }.get(
             code,
             "the credentials lack permission for this operation on this bucket/prefix: check the "
@@ -217,10 +247,13 @@ class Retrier:
         self.stats = RetryStats()
         self._sleep = sleep
         self._rng = random.Random()
+        # Set by the first request that gets any answer from the store (see _STORE_DOWN_EXC).
+        self.reached_store = False
 
-    def backoff(self, attempt: int) -> float:
-        """Full-jitter delay before retry number ``attempt`` (1-based)."""
-        cap = min(self.config.max_delay_s, self.config.base_delay_s * (2 ** min(attempt, 30)))
+    def backoff(self, attempt: int, *, store_down: bool = False) -> float:
+        """Full-jitter delay before retry number ``attempt`` (1-based); capped lower while the store is down."""
+        top = min(self.config.max_delay_s, _DOWN_MAX_DELAY_S) if store_down else self.config.max_delay_s
+        cap = min(top, self.config.base_delay_s * (2 ** min(attempt, 30)))
         return self._rng.uniform(0.0, cap) if cap > 0 else 0.0
 
     def call(
@@ -233,6 +266,7 @@ class Retrier:
         deadline_s: float | None = None,
         on_retry: Callable[[BaseException], None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        refresh_credentials: Callable[[], bool] | None = None,
     ) -> T:
         """Call ``fn`` until it succeeds, fails with a non-retryable error, or the budget is spent.
 
@@ -244,31 +278,52 @@ class Retrier:
             on_retry: called with the error before each retry (e.g. to rewind a buffer).
             cancelled: checked before each retry; once it returns True the last error is raised at once
                 (a sibling part of the same upload already failed, so retrying this one is wasted time).
+            refresh_credentials: called once per call on a refusal that fresh credentials may cure
+                (InvalidAccessKeyId, ExpiredToken, SignatureDoesNotMatch, ...); if it returns True (new
+                credentials may differ) the request is retried at once, and a second such refusal is final.
 
         Raises:
             S3CheckpointError: the translated final error, with the botocore error as ``__cause__``.
         """
         cfg = self.config
-        deadline = time.monotonic() + (deadline_s if deadline_s is not None else cfg.deadline_s)
+        budget_s = deadline_s if deadline_s is not None else cfg.deadline_s
+        deadline = time.monotonic() + budget_s
         attempt = 0
+        refreshed = False
         while True:
             attempt += 1
             self.stats.record_attempt()
             try:
-                return fn()
+                result = fn()
             except BaseException as exc:
                 if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
                     raise
+                code = error_code(exc)
+                if refresh_credentials is not None and not refreshed and code in _STALE_CREDENTIAL_CODES:
+                    refreshed = True
+                    if refresh_credentials():
+                        self.stats.record_retry(f"{code}-refresh")
+                        log.warning(
+                            "%s s3://%s/%s: %s; retrying once with refreshed credentials", op, bucket, key or "", code
+                        )
+                        if on_retry is not None:
+                            on_retry(exc)  # e.g. rewind the part's body
+                        continue
                 retryable = is_retryable(exc)
-                delay = self.backoff(attempt) if retryable else 0.0
+                down = retryable and is_store_down(exc)
+                if isinstance(exc, bce.ClientError) or (retryable and not down):
+                    self.reached_store = True  # an answer, or a connection that broke after it was made
+                delay = self.backoff(attempt, store_down=down) if retryable else 0.0
                 out_of_time = time.monotonic() + delay >= deadline
                 given_up = cancelled is not None and cancelled()
-                if not retryable or attempt >= cfg.max_attempts or out_of_time or given_up:
+                # A store that is down is waited for until the deadline, however many attempts that takes.
+                out_of_attempts = attempt >= cfg.max_attempts and not (down and self.reached_store)
+                if not retryable or out_of_attempts or out_of_time or given_up:
                     err = translate_error(exc, op, bucket, key, self.endpoint)
                     if retryable and isinstance(err, S3TransferError):
                         err = S3TransferError(
                             f"{err} (gave up after {attempt} attempt(s); retry budget: "
-                            f"{cfg.max_attempts} attempts / {cfg.deadline_s:g} s, see RetryConfig)"
+                            f"{cfg.max_attempts} attempts / {budget_s:g} s, see RetryConfig)"
                         )
                     if err is exc:
                         raise
@@ -280,6 +335,9 @@ class Retrier:
                     on_retry(exc)
                 if delay:
                     self._sleep(delay)
+            else:
+                self.reached_store = True
+                return result
 
 
 def is_throttle(exc: BaseException) -> bool:

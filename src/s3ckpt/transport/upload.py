@@ -12,11 +12,12 @@ closed by an exception, the upload is aborted so no billed, invisible parts are 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,10 @@ import crc32c as _crc32c
 from ..config import MAX_PARTS, MiB, adjust_part_size
 from ..errors import ConflictError, S3CheckpointError, S3NotFoundError, S3TransferError
 from . import ops
+from .checksums import crc_combine
 from .context import S3Transport
 
-__all__ = ["NONCE_META", "MultipartWriter", "UploadResult"]
+__all__ = ["NONCE_META", "MultipartWriter", "UploadResult", "writers_paused"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,37 @@ NONCE_META = "s3ckpt-nonce"
 # Parts past this many double in size, so a stream of unknown length never runs into S3's 10,000-part
 # cap: with 5 MiB parts that still allows 2,000 x (5+10+20+40+80) MiB = 302 GiB.
 _PARTS_PER_SIZE_STEP = MAX_PARTS // 5
+
+# writers_paused(): the GIL convoy it avoids. A background torch.save streaming into a writer holds the GIL
+# almost all the time (the C++ serializer calls write() for every chunk); every torch op on the training
+# thread releases the GIL and then waits up to sys.getswitchinterval() (5 ms) to get it back, so a snapshot
+# of a few hundred tensors took 5-10x as long while the previous checkpoint was uploading.
+_writers_may_run = threading.Event()
+_writers_may_run.set()
+_pause_lock = threading.Lock()
+_pauses = 0
+_MAX_PAUSE_S = 60.0  # a writer never waits longer than this, whatever happens to the pausing thread
+
+
+@contextlib.contextmanager
+def writers_paused() -> Iterator[None]:
+    """Hold every :class:`MultipartWriter` of this process at its next ``write()`` while the block runs.
+
+    For short, latency-critical work on another thread (the async snapshot a training step waits for):
+    parts already handed to the upload threads keep going (they spend their time in socket writes, without
+    the GIL); only the serializer feeding the writer stops. A writer waits at most 60 s.
+    """
+    global _pauses
+    with _pause_lock:
+        _pauses += 1
+        _writers_may_run.clear()
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0:
+                _writers_may_run.set()
 
 
 @dataclass(frozen=True)
@@ -100,6 +133,9 @@ class MultipartWriter(io.RawIOBase):
         self._part_number = 0
         self._size = 0
         self._crc = 0
+        # CRC32C and length of each part, computed by the thread that sends it (off the serializer's thread)
+        # and combined in order at the end: one pass over the bytes instead of two.
+        self._part_crcs: dict[int, tuple[int, int]] = {}
         self._upload_id: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._futures: list[Future[None]] = []
@@ -120,11 +156,12 @@ class MultipartWriter(io.RawIOBase):
         """Buffer ``data`` and send every part that fills up. Blocks while all upload slots are busy."""
         if self.closed:
             raise ValueError(f"write to closed MultipartWriter for s3://{self.bucket}/{self.key}")
+        if not _writers_may_run.is_set():
+            _writers_may_run.wait(_MAX_PAUSE_S)
         try:
             self._raise_pending()
             view = memoryview(data).cast("B")
             total = len(view)
-            self._crc = _crc32c.crc32c(view, self._crc)
             pos = 0
             while pos < total:
                 if self._buf is None:
@@ -280,8 +317,10 @@ class MultipartWriter(io.RawIOBase):
                 "Body": body,
             }
             entry: dict[str, Any] = {"PartNumber": number}
+            part_crc = _crc32c.crc32c(body)
+            self._part_crcs[number] = (part_crc, n)
             if self._checksums:
-                crc = ops.crc32c_b64(_crc32c.crc32c(body))
+                crc = ops.crc32c_b64(part_crc)
                 kwargs["ChecksumCRC32C"] = crc
                 entry["ChecksumCRC32C"] = crc
             resp = self._t.call(
@@ -319,6 +358,7 @@ class MultipartWriter(io.RawIOBase):
             # Below one part: a single PUT, no multipart overhead.
             data = bytes(memoryview(self._buf)[: self._fill]) if self._buf is not None else b""
             self._buf = None
+            self._crc = _crc32c.crc32c(data)
             try:
                 etag = ops.put_bytes(
                     self._t,
@@ -348,9 +388,21 @@ class MultipartWriter(io.RawIOBase):
             self._buf, self._fill = None, 0
         self._drain()
         self._raise_pending()
+        self._crc = self._object_crc()
         etag = self._complete()
         self._result = UploadResult(self.bucket, self.key, self._size, etag, self._crc, self._part_number, self.nonce)
         log.debug("uploaded s3://%s/%s: %d bytes in %d parts", self.bucket, self.key, self._size, self._part_number)
+
+    def _object_crc(self) -> int:
+        """The whole object's CRC32C from the parts' CRCs, in part order."""
+        crc, size = 0, 0
+        for number in sorted(self._part_crcs):
+            part_crc, n = self._part_crcs[number]
+            crc = part_crc if size == 0 else crc_combine("CRC32C", crc, part_crc, n)
+            size += n
+        if size != self._size:
+            raise S3TransferError(f"s3://{self.bucket}/{self.key}: parts hold {size} bytes, {self._size} were written")
+        return crc
 
     def _complete(self) -> str:
         upload_id = self._upload_id
