@@ -26,6 +26,7 @@ __all__ = [
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TIE_TEXT = "5 %"  # benchmarks.run.TIE, as text
 
 LABELS = {
     "s3ckpt": "s3ckpt S3CheckpointIO(dirpath): its defaults",
@@ -89,6 +90,10 @@ def format_sweep(doc: dict[str, Any]) -> str:
         lines.append(
             f"  confirmed at {fmt_size(doc['confirm_size_bytes'])}: save {doc['best_save_confirm']}, "
             f"load {doc['best_load_confirm']}"
+        )
+    if doc.get("robust_save") is not None:
+        lines.append(
+            f"  within {TIE_TEXT} of the fastest at every size: save {doc['robust_save']}, load {doc['robust_load']}"
         )
     lines.append(f"  defaults: {doc['defaults']}")
     return "\n".join(lines)

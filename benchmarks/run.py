@@ -49,7 +49,7 @@ ALL_METHODS = [
     "torch-tmpfs",
     "raw",
 ]
-DEFAULT_METHODS = ["s3ckpt", "s3ckpt-nemo-knobs", "nemo", "s3torchconnector", "torch-tmpfs", "raw"]
+DEFAULT_METHODS = ["s3ckpt", "s3ckpt-nemo-knobs", "nemo", "s3torchconnector", "lightning-s3fs", "torch-tmpfs", "raw"]
 QUICK_METHODS = ["s3ckpt", "s3ckpt-nemo-knobs", "nemo-ref", "torch-tmpfs", "raw"]
 PEER_METHODS = {"lightning-s3fs", "s3torchconnector", "nemo"}
 NEMO_KNOBS = {"chunk_size_MB": 64, "max_write_concurrency": 10, "max_read_concurrency": 15}
@@ -222,6 +222,19 @@ def pick(table: list[dict[str, Any]], op: str, size: int | None = None) -> dict[
     return min(close, key=lambda r: (r["cpu_s_per_gb"] if r["cpu_s_per_gb"] is not None else 1e9, r["wall_s"]))
 
 
+def robust(table: list[dict[str, Any]], op: str) -> list[dict[str, Any]]:
+    """The settings within :data:`TIE` of the fastest median at every size they were measured at, measured at
+    every size the sweep has (the sweep and its confirmations): the candidates for a default."""
+    rows = [r for r in table if r["op"] == op and r["wall_s"] is not None]
+    sizes = sorted({r["size_bytes"] for r in rows})
+    best = {size: min(r["wall_s"] for r in rows if r["size_bytes"] == size) for size in sizes}
+    close: dict[str, set[int]] = {}
+    for r in rows:
+        if r["wall_s"] <= best[r["size_bytes"]] * (1 + TIE):
+            close.setdefault(json.dumps(r["settings"], sort_keys=True), set()).add(r["size_bytes"])
+    return [json.loads(k) for k, v in close.items() if v == set(sizes)]
+
+
 def sweep(
     bench: Bench,
     size: int,
@@ -292,15 +305,17 @@ def sweep(
         "best_load": (pick(table, "load") or {}).get("settings"),
         "best_save_confirm": (pick(confirm, "save") or {}).get("settings") if confirm else None,
         "best_load_confirm": (pick(confirm, "load") or {}).get("settings") if confirm else None,
+        "robust_save": robust(full, "save"),
+        "robust_load": robust(full, "load"),
         "defaults": {**default_save, **default_load},
     }
 
 
-def async_phase(bench: Bench, size: int, pendings: Sequence[int]) -> list[dict[str, Any]]:
+def async_phase(bench: Bench, size: int, pendings: Sequence[int], interval: float) -> list[dict[str, Any]]:
     """One run of consecutive async saves per ``max_pending_saves`` value (see ``methods._async_run``)."""
     out = []
     for pending in pendings:
-        settings = {**ASYNC_SETTINGS, "max_pending_saves": pending}
+        settings = {**ASYNC_SETTINGS, "interval_factor": interval, "max_pending_saves": pending}
         res = bench.worker("s3ckpt-async", "save", settings, f"async/p{pending}", size)
         res["max_pending_saves"] = pending
         out.append(res)
@@ -350,6 +365,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--confirm-runs", type=int, default=None, help="runs per confirmation (default 1)")
     p.add_argument("--no-async", action="store_true", help="skip the run of consecutive async saves")
     p.add_argument("--async-pending", default="2,1", help="max_pending_saves values of the async runs (default 2,1)")
+    p.add_argument(
+        "--async-interval",
+        type=float,
+        default=ASYNC_SETTINGS["interval_factor"],
+        help="training time between "
+        "async saves, as a multiple of one sync save (default 1.2: uploads keep up; 1.0: only just, on average)",
+    )
     p.add_argument("--server-compare", action="store_true", help="also a raw PUT against a default-flag server")
     p.add_argument("--no-peer-install", action="store_true", help="use the peers venv only if it already exists")
     p.add_argument("--spawn", action="store_true", help="a new interpreter per measurement, not a forked child")
@@ -439,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.clean()
                 phases[f"round_{r + 1}"] = time.time() - started - sum(phases.values())
             if args.run_async:
-                async_runs = async_phase(bench, size, args.async_pending)
+                async_runs = async_phase(bench, size, args.async_pending, args.async_interval)
                 phases["async"] = time.time() - started - sum(phases.values())
             server_meta = bench_server.server_info(server, tuned=True)
     except Exception as exc:
@@ -468,7 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": args.runs,
             "methods": methods,
             "quick": args.quick,
-            "async": {**ASYNC_SETTINGS, "max_pending_saves": args.async_pending} if args.run_async else None,
+            "async": {**ASYNC_SETTINGS, "interval_factor": args.async_interval, "max_pending_saves": args.async_pending}
+            if args.run_async
+            else None,
             "bytes": "tensor bytes of the state dict (the same for every method); GB = 1e9 bytes",
             "processes": "a new interpreter per measurement" if args.spawn else "a child forked per measurement",
             "measurement": "each figure in a fresh process; methods alternate (order rotated every round); "

@@ -53,6 +53,9 @@ class SnapshotPool:
 
         def copy(t: torch.Tensor) -> torch.Tensor:
             src = t.detach()
+            if type(src) is not torch.Tensor or src.layout != torch.strided or src.is_quantized or src.is_nested:
+                # Subclasses (DTensor), sparse, quantized and nested tensors keep their own clone.
+                return src.clone() if src.device.type == "cpu" else src.to("cpu")
             # Device tensors are staged in pinned memory (fast device-to-host copies), as clone_to_host does.
             buf = self._take(src.dtype, src.numel(), src.device.type == "cuda" and torch.cuda.is_available())
             used.append(buf)

@@ -22,6 +22,7 @@ from s3ckpt import (
 from s3ckpt.layout import manifest_key, read_manifest
 from s3ckpt.server import LocalS3Server
 from s3ckpt.transport import S3Transport, ops
+from tests.faults.damage import FlipOneByte
 
 # portable: make test also runs these on moto (tests/backends.py).
 pytestmark = [pytest.mark.integration, pytest.mark.portable]
@@ -131,24 +132,6 @@ def test_corruption_detected_before_unpickling(transport: S3Transport, bucket: s
         s3ckpt.verify(url, transport=transport)
 
 
-class _FlipOneByte:
-    """Wraps a GetObject body and flips the first byte it returns: damage in transit or in memory."""
-
-    def __init__(self, body: object) -> None:
-        self._body = body
-        self._done = False
-
-    def readinto(self, b: memoryview) -> int:
-        n = self._body.readinto(b)  # type: ignore[attr-defined]
-        if n and not self._done:
-            b[0] ^= 0x01
-            self._done = True
-        return int(n)
-
-    def close(self) -> None:
-        self._body.close()  # type: ignore[attr-defined]
-
-
 def test_bytes_damaged_in_transit_detected(transport: S3Transport, bucket: str) -> None:
     """The object on the server is intact and carries its CRC32C; one byte of one GET response is flipped
     on the way in (injected with a botocore event hook on the real HTTP path). The load must refuse it."""
@@ -159,7 +142,7 @@ def test_bytes_damaged_in_transit_detected(transport: S3Transport, bucket: str) 
 
     def damage(http_response: object, parsed: dict[str, object], **_: object) -> None:
         if not hits:
-            parsed["Body"] = _FlipOneByte(parsed["Body"])
+            parsed["Body"] = FlipOneByte(parsed["Body"])
             hits.append(1)
 
     client.meta.events.register("after-call.s3.GetObject", damage)

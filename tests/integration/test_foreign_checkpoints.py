@@ -22,6 +22,7 @@ from s3ckpt.server import LocalS3Server
 from s3ckpt.transport import S3Transport, ops
 from s3ckpt.transport import checksums as cs
 from tests.conftest import client_config_for
+from tests.faults.damage import FlipOneByte
 
 pytestmark = pytest.mark.integration
 
@@ -96,30 +97,6 @@ def test_foreign_uploads_load_and_verify(transport: S3Transport, bucket: str, s3
         assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == state["step"]
 
 
-class _FlipOneByte:
-    """Wraps a GetObject body and flips one byte of what it returns: damage on the way in."""
-
-    def __init__(self, body: Any, at: int) -> None:
-        self._body, self._at, self._seen = body, at, 0
-
-    def readinto(self, b: memoryview) -> int:
-        n: int = self._body.readinto(b)
-        if self._seen <= self._at < self._seen + n:
-            b[self._at - self._seen] ^= 0x01
-        self._seen += n
-        return n
-
-    def read(self, amt: int | None = None) -> bytes:
-        data = bytearray(self._body.read(amt))
-        if self._seen <= self._at < self._seen + len(data):
-            data[self._at - self._seen] ^= 0x01
-        self._seen += len(data)
-        return bytes(data)
-
-    def close(self) -> None:
-        self._body.close()
-
-
 @pytest.mark.parametrize("how", ["put", "multipart", "multipart-SHA256"])
 def test_damage_in_transit_detected_for_foreign_checksums(
     transport: S3Transport, bucket: str, s3_server: LocalS3Server, how: str
@@ -135,7 +112,7 @@ def test_damage_in_transit_detected_for_foreign_checksums(
     def damage(http_response: object, parsed: dict[str, Any], **_: object) -> None:
         gets.append(1)
         if len(gets) == 3:
-            parsed["Body"] = _FlipOneByte(parsed["Body"], at=12345)
+            parsed["Body"] = FlipOneByte(parsed["Body"], at=12345)
 
     client.meta.events.register("after-call.s3.GetObject", damage)
     try:

@@ -199,6 +199,17 @@ def test_workload_sizes_without_torch() -> None:
         assert max(sizes) / min(sizes) > 500  # mixed: biases and norms next to big matrices
 
 
+def test_sweep_robust_keeps_settings_close_to_the_fastest_at_every_size() -> None:
+    from benchmarks.run import robust
+
+    def row(size: int, c: int, wall: float) -> dict[str, object]:
+        return {"op": "save", "size_bytes": size, "settings": {"c": c}, "wall_s": wall, "cpu_s_per_gb": 1.0}
+
+    table = [row(1, 8, 3.2), row(1, 16, 3.1), row(1, 64, 3.9), row(2, 8, 6.1), row(2, 16, 6.6), row(2, 64, 7.5)]
+    assert robust(table, "save") == [{"c": 8}]  # 16 is fastest at size 1 but 8 % behind at size 2
+    assert robust(table, "load") == []
+
+
 def test_parse_args_defaults_and_quick() -> None:
     full = parse_args([])
     assert full.size == 512 * MiB and full.runs == 5 and full.methods == DEFAULT_METHODS and full.name == "latest"

@@ -15,23 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ..units import human_size
+
 __all__ = ["PROG", "Output", "StderrHandler", "format_table", "format_time", "human_size"]
 
 PROG = "s3ckpt"
 
 # tqdm's own threshold: a transfer that ends within this many seconds never draws a bar.
 _PROGRESS_DELAY_S = 1.0
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def human_size(n: int | float) -> str:
-    """``1536`` -> ``1.5 KiB`` (binary units, as ``aws s3 ls --human-readable``)."""
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def format_time(ts: datetime | None) -> str:

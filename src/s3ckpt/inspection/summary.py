@@ -19,13 +19,20 @@ from ..s3_dirpath_utils import build_s3_url, parse_s3_url
 from ..transport import ops
 from ..transport.context import S3Transport
 from ..transport.ops import ObjectInfo
+from ..units import human_size
 from .safe_pickle import Opaque, PickleSummary, TensorRef, safe_load
 from .zipread import NotAZipError, RangeReader, RemoteZip
 
-__all__ = ["CheckpointSummary", "describe", "inspect", "summarize_entry", "summarize_object", "summarize_sharded"]
+__all__ = [
+    "CheckpointSummary",
+    "describe",
+    "inspect",
+    "summarize_entry",
+    "summarize_object",
+    "summarize_sharded",
+]
 
 _MAX_DEPTH = 64
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 @dataclass(frozen=True)
@@ -120,16 +127,6 @@ class CheckpointSummary:
         return out
 
 
-def _human(n: float) -> str:
-    """``1536`` -> ``1.5 KiB`` (the CLI's units: the library does not import the CLI)."""
-    value = float(n)
-    for unit in _UNITS:
-        if abs(value) < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _tensor_stats(value: Any, seen: set[int] | None = None, depth: int = 0) -> tuple[int, int]:
     """(tensor count, tensor bytes) under ``value``; shared objects are counted once."""
     seen = set() if seen is None else seen
@@ -155,7 +152,7 @@ def _tensor_stats(value: Any, seen: set[int] | None = None, depth: int = 0) -> t
 def describe(value: Any) -> str:
     """One short phrase for a top-level value: ``dict, 12 key(s), 10 tensor(s) (4.0 MiB)``, ``int: 3``."""
     if isinstance(value, TensorRef):
-        return f"tensor {value.dtype}{list(value.shape)} ({_human(value.nbytes)})"
+        return f"tensor {value.dtype}{list(value.shape)} ({human_size(value.nbytes)})"
     if isinstance(value, bool | int | float) or value is None:
         return f"{type(value).__name__}: {value!r}"
     if isinstance(value, str):
@@ -163,7 +160,7 @@ def describe(value: Any) -> str:
     if isinstance(value, bytes):
         return f"bytes ({len(value)})"
     count, size = _tensor_stats(value)
-    tensors = f", {count} tensor(s) ({_human(size)})" if count else ""
+    tensors = f", {count} tensor(s) ({human_size(size)})" if count else ""
     if isinstance(value, dict):
         return f"{type(value).__name__}, {len(value)} key(s){tensors}"
     if isinstance(value, list | tuple | set | frozenset):

@@ -116,7 +116,7 @@ class S3CheckpointIO(CheckpointIO):
     Args:
         dirpath: ``s3://bucket/prefix`` where checkpoints live (validated here; saves may name any
             ``s3://`` path).
-        chunk_size_MB: multipart part size in MiB (5-5120); default 16 (NeMo's 64 works verbatim when
+        chunk_size_MB: multipart part size in MiB (5-5120); default 8 (NeMo's 64 works verbatim when
             given). Unset knobs come from ``S3CKPT_*`` variables, else the measured defaults of
             :class:`~s3ckpt.config.TransferConfig`.
         max_read_concurrency: ranged GETs in flight per load; default 8 (NeMo's: 15).
