@@ -179,42 +179,42 @@ class AsyncSaver:
     def _run_removal(
         self, deps: set[int], label: str, fn: Callable[[], Any], on_cancel: Callable[[], Any] | None
     ) -> Any:
-        with self._cond:
-            failed = sorted(seq for seq in deps if seq in self._failed)
-        if failed:
-            log.warning("not removing %s: a save it was waiting for failed, so the older checkpoint is kept", label)
+        def cancelled() -> None:
             with self._cond:
                 self.cancelled_removals.append(label)
+            if on_cancel is not None:
+                on_cancel()
+
+        why = "a save it was waiting for failed, so the older checkpoint is kept"
+        return self._run_dependent(deps, f"removing {label}", why, fn, cancelled)
+
+    def _run_after_commit(
+        self, seq: int, deps: set[int], label: str, fn: Callable[[], Any], on_cancel: Callable[[], Any] | None
+    ) -> Any:
+        try:
+            why = "the save it copies failed, so it was never committed"
+            return self._run_dependent(deps, f"writing {label}", why, fn, on_cancel)
+        finally:
+            with self._cond:
+                self._pending_after.pop(seq, None)
+                self._cond.notify_all()
+
+    def _run_dependent(
+        self, deps: set[int], what: str, why: str, fn: Callable[[], Any], on_cancel: Callable[[], Any] | None
+    ) -> Any:
+        """Run ``fn`` (a removal or copy queued behind the saves ``deps``) unless one of those saves failed, in
+        which case ``on_cancel`` runs instead; a failure of ``fn`` itself is stored like a save's."""
+        with self._cond:
+            failed = any(d in self._failed for d in deps)
+        if failed:
+            log.warning("not %s: %s", what, why)
             if on_cancel is not None:
                 on_cancel()
             return None
         try:
             return fn()
         except BaseException as exc:
-            log.error("background removal of %s failed: %s", label, exc)
+            log.error("background %s failed: %s", what, exc)
             with self._cond:
                 self._unseen.append((-1, exc))
             raise
-
-    def _run_after_commit(
-        self, seq: int, deps: set[int], label: str, fn: Callable[[], Any], on_cancel: Callable[[], Any] | None
-    ) -> Any:
-        try:
-            with self._cond:
-                failed = sorted(d for d in deps if d in self._failed)
-            if failed:
-                log.warning("not writing %s: the save it copies failed, so it was never committed", label)
-                if on_cancel is not None:
-                    on_cancel()
-                return None
-            try:
-                return fn()
-            except BaseException as exc:
-                log.error("background copy to %s failed: %s", label, exc)
-                with self._cond:
-                    self._unseen.append((-1, exc))
-                raise
-        finally:
-            with self._cond:
-                self._pending_after.pop(seq, None)
-                self._cond.notify_all()

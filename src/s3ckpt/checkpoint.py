@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .config import given_knobs
 from .errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
@@ -51,15 +52,11 @@ def resolve_transport(
         if _default_transport is None:
             _default_transport = S3Transport.create()
         transport = _default_transport
-    knobs = {
-        k: v
-        for k, v in (
-            ("chunk_size_MB", chunk_size_MB),
-            ("max_read_concurrency", max_read_concurrency),
-            ("max_write_concurrency", max_write_concurrency),
-        )
-        if v is not None
-    }
+    knobs = given_knobs(
+        chunk_size_MB=chunk_size_MB,
+        max_read_concurrency=max_read_concurrency,
+        max_write_concurrency=max_write_concurrency,
+    )
     if knobs:
         # replace() re-runs TransferConfig's validation on the overridden knobs.
         transport = transport.with_transfer(dataclasses.replace(transport.transfer, **knobs))

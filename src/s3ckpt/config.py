@@ -38,6 +38,7 @@ __all__ = [
     "RetryConfig",
     "TransferConfig",
     "adjust_part_size",
+    "given_knobs",
 ]
 
 MiB = 1024 * 1024
@@ -312,6 +313,12 @@ class ClientConfig:
         if cfg.region is None and "region" not in overrides and _env("AWS_DEFAULT_REGION"):
             changes["region"] = _env("AWS_DEFAULT_REGION")
         return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def given_knobs(**knobs: int | None) -> dict[str, int]:
+    """The transfer knobs a caller actually passed (``None`` means "not given": the environment variable or
+    the default applies), for ``TransferConfig.from_env(**...)`` or ``dataclasses.replace``."""
+    return {name: value for name, value in knobs.items() if value is not None}
 
 
 def adjust_part_size(part_size: int, expected_size: int | None) -> int:

@@ -12,10 +12,11 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
     ) from exc
 
 from .callbacks import S3CheckpointMetrics
-from .checkpoint_io import S3CheckpointIO, SaveRecord
+from .checkpoint_io import S3CheckpointIO
 from .connector import S3CheckpointConnector, configure_s3_resume
 from .fs import S3FileSystem
 from .model_checkpoint import S3ModelCheckpoint, find_s3_checkpoint_io
+from .records import SaveRecord
 
 __all__ = [
     "S3CheckpointConnector",

@@ -8,8 +8,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from .checkpoint_io import S3CheckpointIO, SaveRecord
+from .checkpoint_io import S3CheckpointIO
 from .model_checkpoint import find_s3_checkpoint_io
+from .records import SaveRecord
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

@@ -15,7 +15,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal
 
@@ -25,13 +24,14 @@ from typing_extensions import override
 from .. import checkpoint as ck
 from ..async_saver import AsyncSaver
 from ..budget import check_request_budget
-from ..config import ClientConfig, RetryConfig, TransferConfig
+from ..config import ClientConfig, RetryConfig, TransferConfig, given_knobs
 from ..errors import ConfigError, S3CheckpointError
 from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..serialization import clone_to_host
 from ..snapshot import SnapshotPool
 from ..transport.context import S3Transport
 from ..transport.upload import writers_paused
+from .records import CopyRecord, RemovalRecord, SaveRecord
 
 __all__ = ["CopyRecord", "RemovalRecord", "S3CheckpointIO", "SaveRecord"]
 
@@ -39,67 +39,6 @@ log = logging.getLogger(__name__)
 
 # NeMo's `s3_checkpointing` section, key for key.
 _CONFIG_KEYS = ("chunk_size_MB", "max_read_concurrency", "max_write_concurrency", "enable_async_checkpointing")
-
-
-@dataclass(frozen=True)
-class SaveRecord:
-    """Timing of one checkpoint save, for logging callbacks and benchmarks; or of a save that failed.
-
-    A failed save (``on_save_error="warn"``, or the one raised with ``"raise"``) has ``failed`` True,
-    ``error`` set, ``bytes == 0`` and ``committed_at == 0.0``; nothing was committed at ``path`` (whatever
-    was there before, if anything, is still there).
-    """
-
-    path: str
-    bytes: int
-    stall_s: float
-    """Seconds ``save_checkpoint`` blocked the caller (the whole save when synchronous)."""
-    save_s: float
-    """Seconds from the call until the checkpoint was committed on S3 (async: including time queued)."""
-    committed_at: float
-    upload_s: float = 0.0
-    """Seconds spent serializing and uploading (the transfer itself, without queueing)."""
-    queued_s: float = 0.0
-    """Async: seconds of ``stall_s`` spent waiting for room behind earlier saves (the rest is the snapshot)."""
-    error: str = ""
-    """Why the save failed (the S3 error's message); empty for a committed checkpoint."""
-
-    @property
-    def failed(self) -> bool:
-        """True if this save was not committed."""
-        return bool(self.error)
-
-    @property
-    def gbps(self) -> float:
-        """Transfer throughput in GB/s (bytes over ``upload_s``)."""
-        seconds = self.upload_s or self.save_s
-        return self.bytes / seconds / 1e9 if seconds > 0 else 0.0
-
-
-@dataclass
-class RemovalRecord:
-    """One ``remove_checkpoint`` call: when it was asked for, when it was carried out, or why not."""
-
-    path: str
-    requested_at: float
-    done_at: float | None = None
-    """When the objects were deleted (None while pending, or if cancelled)."""
-    cancelled: bool = False
-    """True if the deletion was cancelled because a save it waited for failed."""
-
-
-@dataclass
-class CopyRecord:
-    """One :meth:`S3CheckpointIO.copy_checkpoint` call (``save_last="link"``)."""
-
-    src: str
-    dst: str
-    requested_at: float
-    done_at: float | None = None
-    """When the copy and its manifest were written (None while pending, or if cancelled)."""
-    bytes: int = 0
-    cancelled: bool = False
-    """True if the copy was cancelled because the save of ``src`` (or one before it) failed."""
 
 
 def to_url(path: str | os.PathLike[str]) -> str:
@@ -173,16 +112,13 @@ class S3CheckpointIO(CheckpointIO):
         self.dirpath = dirpath
         # A knob given here wins (NeMo's values work verbatim); an unset one comes from its S3CKPT_* variable,
         # else the measured default (see TransferConfig).
-        knobs = {
-            k: v
-            for k, v in (
-                ("chunk_size_MB", chunk_size_MB),
-                ("max_read_concurrency", max_read_concurrency),
-                ("max_write_concurrency", max_write_concurrency),
+        self.transfer = TransferConfig.from_env(
+            **given_knobs(
+                chunk_size_MB=chunk_size_MB,
+                max_read_concurrency=max_read_concurrency,
+                max_write_concurrency=max_write_concurrency,
             )
-            if v is not None
-        }
-        self.transfer = TransferConfig.from_env(**knobs)
+        )
         # Checked before the first save rather than discovered as 503 SlowDown mid-run.
         self.request_budget = check_request_budget(
             self.transfer.max_write_concurrency,
