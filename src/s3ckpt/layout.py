@@ -256,13 +256,15 @@ def _crc32c_expected(value: int, source: str) -> Expected:
 
 
 def expected_checksum(
-    t: S3Transport, info: ObjectInfo, *, recorded: tuple[int, str] | None = None
+    t: S3Transport, info: ObjectInfo, *, recorded: tuple[int, str] | None = None, manifest: bool = True
 ) -> tuple[Expected | None, str]:
     """What ``info``'s bytes must hash to (see the module docstring for the order), or ``(None, why)``.
 
     Args:
         recorded: ``(crc32c, source)`` kept outside the object (a DCP sidecar), used when the store keeps no
             full-object CRC32C; the object then has no s3ckpt manifest to read.
+        manifest: read the object's s3ckpt manifest; ``False`` for an object whose manifest name belongs to
+            something else (a DCP ``.metadata``, whose sidecar is another format).
 
     Raises:
         CheckpointCorruptedError: a manifest exists but describes different bytes.
@@ -271,10 +273,10 @@ def expected_checksum(
         return _crc32c_expected(int.from_bytes(base64.b64decode(info.checksum_crc32c), "big"), SOURCE_STORE), ""
     if recorded is not None:
         return _crc32c_expected(recorded[0], recorded[1]), ""
-    manifest = read_manifest(t, info.bucket, info.key)
-    if manifest is not None:
-        _check_manifest(manifest, info)
-        return _crc32c_expected(manifest.crc32c, SOURCE_MANIFEST), ""
+    found = read_manifest(t, info.bucket, info.key) if manifest else None
+    if found is not None:
+        _check_manifest(found, info)
+        return _crc32c_expected(found.crc32c, SOURCE_MANIFEST), ""
     stored = info.stored_checksums
     for c in stored:
         if c.checksum_type == FULL_OBJECT:

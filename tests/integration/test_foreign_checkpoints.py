@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -132,6 +133,7 @@ def test_unverifiable_is_not_corrupted_and_cli_exit_codes(
     s3_server: LocalS3Server,
     s3_env: dict[str, str],
     capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     """No checksum at all (boto3 with checksums only "when required") and no manifest: ``verify`` raises
     UnverifiableCheckpointError and the CLI exits 3 saying why; a CRC32 object exits 0 with the algorithm and
@@ -170,3 +172,12 @@ def test_unverifiable_is_not_corrupted_and_cli_exit_codes(
 
     code, out, err = cli("verify", f"s3://{bucket}/mine.pt")
     assert code == 1 and "does not match its manifest" in err
+
+    # `s3ckpt cp` to a local file verifies the same way as the bytes arrive: another tool's CRC32 checks, and
+    # a checkpoint whose manifest describes other bytes is refused with nothing written.
+    code, out, err = cli("cp", f"s3://{bucket}/crc32.pt", str(tmp_path) + "/")
+    assert code == 0 and (tmp_path / "crc32.pt").read_bytes() == data, err
+    code, out, err = cli("--json", "cp", f"s3://{bucket}/crc32.pt", str(tmp_path / "again.pt"))
+    assert code == 0 and "CRC32 verified against the store full-object" in out, (out, err)
+    code, out, err = cli("cp", f"s3://{bucket}/mine.pt", str(tmp_path) + "/")
+    assert code == 1 and "does not match its manifest" in err and not (tmp_path / "mine.pt").exists()

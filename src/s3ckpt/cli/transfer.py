@@ -1,10 +1,11 @@
 """The three copies behind ``s3ckpt cp``: upload, download, and S3-to-S3; each leaves a result that verifies.
 
 * upload: the streaming multipart writer (bounded memory), then a manifest with the CRC32C it computed.
-* download: parallel ranged GETs into a file mapped in memory, checked against the recorded CRC32C before
+* download: parallel ranged GETs into a file mapped in memory, checked against the recorded checksum before
   it is renamed into place (a corrupted checkpoint is never silently copied out).
-* S3 to S3: a server-side ``CopyObject`` when the source's CRC32C is known and it is under 5 GiB (no bytes
-  through this machine); otherwise a stream through it with the CRC32C checked before the upload completes.
+* S3 to S3: a server-side copy when the source's CRC32C is known (``transport.copy``: CopyObject, or
+  UploadPartCopy beyond 5 GiB; no bytes through this machine); otherwise a stream through it with the CRC32C
+  checked before the upload completes.
   Either way a new manifest is written: the source's describes another object (ETag, nonce).
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import base64
 import logging
 import time
-import uuid
 import zipfile
 from collections import deque
 from collections.abc import Callable
@@ -23,14 +23,22 @@ from typing import Any
 
 import crc32c as _crc32c
 
-from ..config import MAX_PART_SIZE
 from ..errors import CheckpointCorruptedError
-from ..layout import expected_crc32c, manifest_key, read_manifest, summarize_meta, write_manifest
-from ..serialization import crc32c_of
+from ..layout import (
+    Expected,
+    expected_checksum,
+    expected_crc32c,
+    manifest_key,
+    read_manifest,
+    summarize_meta,
+    write_manifest,
+)
+from ..transport.checksums import RangeDigest
 from ..transport.context import S3Transport
+from ..transport.copy import copy_object
 from ..transport.download import download_to_path
-from ..transport.ops import ObjectInfo, delete_object, head
-from ..transport.upload import NONCE_META, MultipartWriter, UploadResult
+from ..transport.ops import ObjectInfo, delete_object
+from ..transport.upload import MultipartWriter, UploadResult
 from .safe_pickle import safe_load
 from .zipread import RangeReader
 
@@ -112,30 +120,47 @@ def download_to_file(
 ) -> str:
     """Download into ``dest`` via a temporary file renamed into place; returns how it was verified.
 
+    The bytes are checked, as they arrive, against whatever the object's checksum is (see
+    :func:`s3ckpt.layout.expected_checksum`: the store's CRC32C, the manifest, or another tool's CRC32,
+    CRC64NVME, SHA or composite checksum); with ``has_manifest=False`` no manifest is read.
+
     Raises:
-        CheckpointCorruptedError: the bytes do not match the recorded CRC32C (``dest`` is left untouched).
+        CheckpointCorruptedError: the bytes do not match the recorded checksum (``dest`` is left untouched).
     """
+    expected: Expected | None = None
     if verify:
-        expected, source = recorded_crc32c(t, info, has_manifest=has_manifest)
+        expected, why = expected_checksum(t, info, manifest=has_manifest)
     else:
-        expected, source = None, "not verified (--no-verify)"
+        why = "not verified (--no-verify)"
+    digest: RangeDigest | None = None
+
+    def start_digest(view: memoryview) -> RangeDigest:
+        nonlocal digest
+        assert expected is not None
+        digest = RangeDigest(expected.algorithm, expected.segment_sizes(info.size), view)
+        return digest
 
     def check(view: memoryview) -> None:
-        if expected is None:
+        if expected is None or digest is None:
             return
-        actual = crc32c_of(view)
-        if actual != expected:
+        problem = expected.mismatch(digest.digests())
+        if problem is not None:
             raise CheckpointCorruptedError(
-                f"s3://{info.bucket}/{info.key} is corrupted: CRC32C {actual:08x}, the {source} recorded "
-                f"{expected:08x}; nothing was written to {dest}"
+                f"s3://{info.bucket}/{info.key} is corrupted: {problem} (checksum from the {expected.origin}); "
+                f"nothing was written to {dest}"
             )
 
-    download_to_path(t, info, dest, progress=progress, check=check)
+    try:
+        download_to_path(
+            t, info, dest, progress=progress, check=check, digest=start_digest if expected is not None else None
+        )
+    finally:
+        digest = None  # it holds a view of the mapped temporary file
     if expected is None:
         if verify:
-            log.warning("s3://%s/%s copied unverified: %s", info.bucket, info.key, source)
+            log.warning("s3://%s/%s copied unverified: %s", info.bucket, info.key, why)
         return "unverified"
-    return f"CRC32C verified against the {source}"
+    return f"{expected.algorithm} verified against the {expected.origin}"
 
 
 def _source_meta(t: S3Transport, info: ObjectInfo) -> dict[str, Any]:
@@ -144,21 +169,9 @@ def _source_meta(t: S3Transport, info: ObjectInfo) -> dict[str, Any]:
 
 
 def _server_side_copy(t: S3Transport, src: ObjectInfo, bucket: str, key: str, crc: int) -> UploadResult:
-    nonce = uuid.uuid4().hex
-    kwargs: dict[str, Any] = {
-        "Bucket": bucket,
-        "Key": key,
-        "CopySource": {"Bucket": src.bucket, "Key": src.key},
-        "CopySourceIfMatch": src.etag,
-        # A fresh nonce ties the new manifest to this copy, not to the source object.
-        "MetadataDirective": "REPLACE",
-        "Metadata": {**src.metadata, NONCE_META: nonce},
-    }
-    if t.clients.config.checksum_algorithm == "CRC32C":
-        kwargs["ChecksumAlgorithm"] = "CRC32C"
-    t.call("CopyObject", bucket, key, lambda c: c.copy_object(**kwargs))
-    copied = head(t, bucket, key)
-    return UploadResult(bucket, key, copied.size, copied.etag, crc, 1, copied.metadata.get(NONCE_META, nonce))
+    # The source's metadata travels with a fresh nonce, which ties the new manifest to this copy.
+    copied = copy_object(t, src.bucket, src.key, bucket, key, source=src, metadata=dict(src.metadata))
+    return UploadResult(bucket, key, copied.size, copied.etag, crc, copied.parts, copied.nonce)
 
 
 def _streamed_copy(
@@ -206,7 +219,7 @@ def copy_s3_to_s3(
             reports the copy as corrupted too).
     """
     expected, _ = recorded_crc32c(t, src, has_manifest=has_manifest)
-    if expected is not None and src.size < MAX_PART_SIZE and not stream:
+    if expected is not None and not stream:
         result, method = _server_side_copy(t, src, bucket, key, expected), "server-side"
         if progress is not None:
             progress(src.size)

@@ -99,6 +99,10 @@ def copy_object(
             "MetadataDirective": "REPLACE",
             "Metadata": meta,
         }
+        if t.clients.config.checksum_algorithm == "CRC32C":
+            # Ask for a CRC32C of the copy: stores differ in what a copy keeps by default (moto keeps none
+            # unless asked, SeaweedFS and AWS the source's), and a single CopyObject's is full-object.
+            kwargs["ChecksumAlgorithm"] = "CRC32C"
         try:
             resp = t.call("CopyObject", dst_bucket, dst_key, lambda c: c.copy_object(**kwargs))
         except ConflictError as exc:
