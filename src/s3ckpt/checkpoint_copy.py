@@ -74,13 +74,13 @@ def copy(src_url: str, dst_url: str, *, transport: S3Transport | None = None, ve
         info = ops.head(t, src_bucket, src_key)
     except S3NotFoundError as exc:
         raise CheckpointNotFoundError(f"cannot copy {src_url}: it does not exist") from exc
-    crc, where = expected_crc32c(t, info)
+    # Read once: it may hold the CRC32C, and it holds the step and epoch `ls` shows for the copy.
+    found = read_manifest(t, src_bucket, src_key)
+    crc, where = expected_crc32c(t, info, manifest=found)
     if crc is None and verify:
         raise CheckpointCorruptedError(f"cannot copy {src_url} verifiably: {where}")
     result = copy_object(t, src_bucket, src_key, dst_bucket, dst_key, source=info)
     if crc is not None:
-        # Step and epoch for `ls`, from the source's manifest (a second small GET; none for foreign objects).
-        found = read_manifest(t, src_bucket, src_key)
         meta: dict[str, object] = dict(found.meta) if found is not None else {}
         meta[COPY_OF_META] = src_key
         manifest = Manifest(

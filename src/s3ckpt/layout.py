@@ -149,9 +149,17 @@ def read_manifest(t: S3Transport, bucket: str, key: str) -> Manifest | None:
     return Manifest.from_json(data, where=f"s3://{bucket}/{manifest_key(key)}")
 
 
-def expected_crc32c(t: S3Transport, info: ObjectInfo) -> tuple[int | None, str]:
+# expected_crc32c(manifest=...) default: the caller has not read the manifest; read it if it is needed.
+_UNREAD: Any = object()
+
+
+def expected_crc32c(t: S3Transport, info: ObjectInfo, *, manifest: Manifest | None = _UNREAD) -> tuple[int | None, str]:
     """The CRC32C the object's bytes must have, and where it came from (``"object"``, ``"manifest"``);
     only s3ckpt's own records (:func:`expected_checksum` also reads other tools' checksums).
+
+    Args:
+        manifest: the object's manifest if the caller already read it (``None``: it has none, or it must not
+            be read), so it is not fetched twice; by default it is read when the store keeps no CRC32C.
 
     Returns ``(None, reason)`` if no checksum was recorded for this object.
 
@@ -161,7 +169,8 @@ def expected_crc32c(t: S3Transport, info: ObjectInfo) -> tuple[int | None, str]:
     """
     if info.checksum_crc32c:
         return int.from_bytes(base64.b64decode(info.checksum_crc32c), "big"), "object"
-    manifest = read_manifest(t, info.bucket, info.key)
+    if manifest is _UNREAD:
+        manifest = read_manifest(t, info.bucket, info.key)
     if manifest is None:
         return None, "no checksum stored with the object and no manifest (not written by s3ckpt?)"
     _check_manifest(manifest, info)

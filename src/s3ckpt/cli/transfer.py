@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import zipfile
@@ -24,6 +23,8 @@ from typing import Any
 import crc32c as _crc32c
 
 from ..errors import CheckpointCorruptedError
+from ..inspection.safe_pickle import safe_load
+from ..inspection.zipread import RangeReader
 from ..layout import (
     Expected,
     expected_checksum,
@@ -39,8 +40,6 @@ from ..transport.copy import copy_object
 from ..transport.download import download_to_path
 from ..transport.ops import ObjectInfo, delete_object
 from ..transport.upload import MultipartWriter, UploadResult
-from .safe_pickle import safe_load
-from .zipread import RangeReader
 
 __all__ = [
     "Progress",
@@ -48,7 +47,6 @@ __all__ = [
     "download_to_file",
     "drop_stale_manifest",
     "local_meta",
-    "recorded_crc32c",
     "timed",
     "upload_file",
 ]
@@ -103,18 +101,6 @@ def drop_stale_manifest(t: S3Transport, bucket: str, key: str) -> None:
     delete_object(t, bucket, manifest_key(key))
 
 
-def recorded_crc32c(t: S3Transport, info: ObjectInfo, *, has_manifest: bool) -> tuple[int | None, str]:
-    """The CRC32C recorded for ``info`` and where it came from, as :func:`expected_crc32c`; with
-    ``has_manifest=False`` only the store's own checksum counts. A DCP ``.metadata``'s manifest name is taken
-    by the DCP sidecar (``.metadata.s3ckpt.json``, another format), which must not be read as its manifest.
-    """
-    if has_manifest:
-        return expected_crc32c(t, info)
-    if info.checksum_crc32c:
-        return int.from_bytes(base64.b64decode(info.checksum_crc32c), "big"), "object"
-    return None, "no checksum stored with the object"
-
-
 def download_to_file(
     t: S3Transport, info: ObjectInfo, dest: Path, *, verify: bool, has_manifest: bool, progress: Progress
 ) -> str:
@@ -161,11 +147,6 @@ def download_to_file(
             log.warning("s3://%s/%s copied unverified: %s", info.bucket, info.key, why)
         return "unverified"
     return f"{expected.algorithm} verified against the {expected.origin}"
-
-
-def _source_meta(t: S3Transport, info: ObjectInfo) -> dict[str, Any]:
-    manifest = read_manifest(t, info.bucket, info.key)
-    return dict(manifest.meta) if manifest else {}
 
 
 def _server_side_copy(t: S3Transport, src: ObjectInfo, bucket: str, key: str, crc: int) -> UploadResult:
@@ -218,7 +199,10 @@ def copy_s3_to_s3(
             bytes go through this machine; a server-side copy keeps the recorded CRC32C, so ``verify``
             reports the copy as corrupted too).
     """
-    expected, _ = recorded_crc32c(t, src, has_manifest=has_manifest)
+    # Read once: it may hold the CRC32C, and its step and epoch go into the copy's manifest. A DCP
+    # ``.metadata``'s manifest name is taken by the DCP sidecar (another format): ``has_manifest=False``.
+    found = read_manifest(t, src.bucket, src.key) if has_manifest else None
+    expected, _ = expected_crc32c(t, src, manifest=found)
     if expected is not None and not stream:
         result, method = _server_side_copy(t, src, bucket, key, expected), "server-side"
         if progress is not None:
@@ -226,7 +210,7 @@ def copy_s3_to_s3(
     else:
         result, method = _streamed_copy(t, src, bucket, key, expected, progress), "stream"
     if manifest:
-        write_manifest(t, result, _source_meta(t, src) if has_manifest else {})
+        write_manifest(t, result, dict(found.meta) if found is not None else {})
     return result, method
 
 
