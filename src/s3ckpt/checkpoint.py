@@ -25,7 +25,7 @@ from .errors import (
 )
 from .layout import Expected, expected_checksum, manifest_key, summarize_meta, write_manifest
 from .s3_dirpath_utils import parse_s3_url
-from .serialization import LoadBuffer, load_from_buffer, save_to_stream
+from .serialization import LoadBuffer, ZipLayoutError, disable_crc_filling, load_from_buffer, save_to_stream
 from .transport import ops
 from .transport.checksums import RangeDigest
 from .transport.context import S3Transport
@@ -105,9 +105,9 @@ def save(
         if_none_match: refuse to replace an existing object (raises :class:`ConflictError`).
         progress: called with byte counts as parts are stored.
         zip_crc32: write the zip format's per-record CRC-32, so the object is a valid zip that
-            ``zipfile``, model scanners and ``torch.load`` all accept (the default). ``False`` skips it to
-            save about 0.2 CPU-s per GiB, leaving a file only torch reads (see
-            :func:`s3ckpt.serialization.save_to_stream`).
+            ``zipfile``, model scanners and ``torch.load`` all accept (the default; s3ckpt computes them as
+            the bytes stream by, at about 0.2 CPU-s per GB). ``False`` leaves them 0, a file only torch
+            reads (see :func:`s3ckpt.serialization.save_to_stream`).
 
     Returns:
         :class:`SaveStats` (bytes, seconds, CRC32C, ETag).
@@ -119,8 +119,14 @@ def save(
     bucket, key = parse_s3_url(url, require_key=True)
     t = resolve_transport(transport, chunk_size_MB=chunk_size_MB, max_write_concurrency=max_write_concurrency)
     start = time.perf_counter()
-    with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=progress) as writer:
-        save_to_stream(obj, writer, zip_crc32=zip_crc32)
+    try:
+        with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=progress) as writer:
+            save_to_stream(obj, writer, zip_crc32=zip_crc32)
+    except ZipLayoutError as exc:
+        # The upload was aborted, so nothing was stored: save again with torch computing the CRC-32s.
+        disable_crc_filling(f"{url}: {exc}")
+        with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=progress) as writer:
+            save_to_stream(obj, writer, zip_crc32=zip_crc32)
     result = writer.result
     write_manifest(t, result, summarize_meta(obj))
     seconds = time.perf_counter() - start

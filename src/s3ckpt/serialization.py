@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import copy as copy_module
 import io
+import logging
 import mmap
 import os
 import pickle
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -24,8 +26,19 @@ import torch
 from torch.utils.serialization import config as serialization_config
 
 from .errors import CheckpointCorruptedError, UnsafeCheckpointError
+from .zip_crc import BytesSink, ZipCrcFiller, ZipLayoutError
 
-__all__ = ["LoadBuffer", "clone_to_host", "crc32c_of", "load_from_buffer", "save_to_stream"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LoadBuffer",
+    "ZipLayoutError",
+    "clone_to_host",
+    "crc32c_of",
+    "disable_crc_filling",
+    "load_from_buffer",
+    "save_to_stream",
+]
 
 MapLocation = Any  # str | torch.device | dict | Callable, as torch.load accepts
 
@@ -34,20 +47,91 @@ def save_to_stream(obj: Any, stream: BinaryIO | io.RawIOBase, *, zip_crc32: bool
     """``torch.save`` into a write-only stream (zip format; no seek needed).
 
     Args:
-        zip_crc32: let torch compute the zip format's CRC-32 of every record (the default), so the result
-            is what ``torch.save`` writes to a file: a valid zip archive that Python's ``zipfile``, model
-            scanners (picklescan, modelscan) and ``torch.load`` all accept. ``False`` is an opt-in for
-            files only torch will read: torch then writes 0 as each record's CRC-32, which
-            ``zipfile.ZipFile.testzip()`` reports as a bad CRC; it saves about 0.2 CPU-s per GiB, and
-            s3ckpt's CRC32C of the whole object still protects every byte.
+        zip_crc32: write the zip format's CRC-32 of every record (the default), so the result is what
+            ``torch.save`` writes to a file: a valid zip archive that Python's ``zipfile``, model scanners
+            (picklescan, modelscan) and ``torch.load`` all accept. s3ckpt fills the CRC-32s in itself as the
+            bytes stream by (:mod:`s3ckpt.zip_crc`), at about a third of torch's cost; where that cannot
+            work with the installed torch (checked once per process), torch computes them. ``False`` is an
+            opt-in for files only torch will read: each record's CRC-32 is then 0, which
+            ``zipfile.ZipFile.testzip()`` reports as a bad CRC; s3ckpt's CRC32C of the whole object still
+            protects every byte.
+
+    Raises:
+        ZipLayoutError: the stream torch wrote was not the layout the CRC-32 filler follows (nothing is
+            lost: the caller's upload is aborted; :func:`disable_crc_filling` then makes torch compute them).
     """
-    if zip_crc32:
-        torch.save(obj, stream)  # type: ignore[arg-type]
+    if not _fast_writer_works():
+        _torch_save_public(obj, stream, compute_crc32=zip_crc32)
+    elif not zip_crc32:
+        _torch_save_without_crc(obj, stream)
+    else:
+        filler = ZipCrcFiller(stream)
+        try:
+            _torch_save_without_crc(obj, filler)
+            filler.finish()
+        except Exception:
+            if filler.error is not None:
+                # torch's C++ writer replaces the filler's error with its own ("unexpected pos"); raise ours.
+                raise filler.error from None
+            raise
+
+
+def disable_crc_filling(reason: str) -> None:
+    """From now on let torch compute the zip CRC-32s (after the filler met a stream it did not follow)."""
+    global _fast_writer_ok
+    if _fast_writer_ok is not False:
+        log.warning("s3ckpt: torch computes zip CRC-32s from now on (%s)", reason)
+    _fast_writer_ok = False
+
+
+_fast_writer_ok: bool | None = None
+
+
+def _fast_writer_works() -> bool:
+    """Whether torch's writer can be asked for no CRC-32 and the filler gets a valid zip from it (checked
+    on a small object once per process: both lean on torch internals that may change between releases)."""
+    global _fast_writer_ok
+    if _fast_writer_ok is None:
+        weights = torch.arange(300, dtype=torch.float32)
+        probe = {"w": weights, "empty": torch.zeros(0), "meta": [1, "x"]}
+        sink = BytesSink()
+        try:
+            filler = ZipCrcFiller(sink)
+            _torch_save_without_crc(probe, filler)
+            filler.finish()
+            archive = zipfile.ZipFile(io.BytesIO(bytes(sink.data)))
+            if archive.testzip() is not None:
+                raise ZipLayoutError("zipfile reports a bad CRC-32")
+            loaded = torch.load(io.BytesIO(bytes(sink.data)), weights_only=True)
+            _fast_writer_ok = bool(torch.equal(loaded["w"], weights)) and loaded["meta"] == probe["meta"]
+        except Exception as exc:  # any failure means: use torch's own path
+            log.info("s3ckpt: zip CRC-32s computed by torch (the filler's self-check failed: %s)", exc)
+            _fast_writer_ok = False
+    return _fast_writer_ok
+
+
+def _torch_save_without_crc(obj: Any, stream: Any) -> None:
+    """``torch.save(obj, stream)`` with torch's CRC-32 off for this call only.
+
+    Through torch's writer directly, since the public switch (``torch.serialization.set_crc32_options`` or
+    the config) is process-global: flipping it would also drop the CRC-32s of a ``torch.save`` that another
+    thread starts meanwhile (a user's own local save while an async checkpoint uploads).
+    """
+    writer = torch._C.PyTorchFileWriter(stream, False, torch.serialization._get_storage_alignment())
+    torch.serialization._save(  # type: ignore[no-untyped-call]
+        obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False
+    )
+    writer.write_end_of_file()
+
+
+def _torch_save_public(obj: Any, stream: Any, *, compute_crc32: bool) -> None:
+    if compute_crc32:
+        torch.save(obj, stream)
         return
-    # torch's serialization config is process-global; a torch.save running concurrently in another thread
-    # may skip its CRC-32 too (only a zip reader that checks CRCs would notice; torch.load does not).
+    # Process-global: a torch.save running concurrently in another thread may skip its CRC-32 too (only a
+    # zip reader that checks CRCs would notice; torch.load does not).
     with serialization_config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
-        torch.save(obj, stream)  # type: ignore[arg-type]
+        torch.save(obj, stream)
 
 
 def crc32c_of(data: memoryview | bytes | bytearray | mmap.mmap, chunk: int = 64 * 1024 * 1024) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -230,22 +231,67 @@ def test_s3utils_nemo_surface(transport: S3Transport, bucket: str, tmp_path: Pat
         S3Utils.use_transport(None)
 
 
+def _zip_records(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """Every record's CRC-32 and bytes, after ``zipfile`` has checked each CRC-32 against its bytes."""
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    assert archive.testzip() is None
+    return {info.filename: (info.CRC, archive.read(info)) for info in archive.infolist()}
+
+
 def test_zip_crc32_option(transport: S3Transport, bucket: str) -> None:
     """A default save is a valid zip archive (``zipfile``'s testzip() finds no bad CRC-32, as model scanners
-    need); ``zip_crc32=False`` is the documented opt-out that skips the records' CRC-32 (torch writes 0,
-    which testzip() reports). Both load."""
-    import zipfile
-
-    state = {"w": torch.randn(1000)}
+    need) with the records torch.save writes, CRC-32s included, although s3ckpt computed them: checked on a
+    multipart object whose records straddle part boundaries. ``zip_crc32=False`` is the documented opt-out
+    that leaves them 0 (testzip() reports it). Both load."""
+    state = _state()
+    reference = io.BytesIO()
+    torch.save(state, reference)
+    expected = {k: v for k, v in _zip_records(reference.getvalue()).items() if "serialization_id" not in k}
     for flag in (False, True):
         url = f"s3://{bucket}/zip-{flag}.ckpt"
-        s3ckpt.save(state, url, transport=transport, **({} if flag else {"zip_crc32": False}))
-        assert torch.equal(s3ckpt.load(url, transport=transport)["w"], state["w"])
+        stats = s3ckpt.save(state, url, transport=transport, **({} if flag else {"zip_crc32": False}))
+        assert stats.parts > 1
+        assert torch.equal(
+            s3ckpt.load(url, transport=transport)["model"]["layer5.weight"], state["model"]["layer5.weight"]
+        )  # type: ignore[index]
         data = transport.clients.get().get_object(Bucket=bucket, Key=f"zip-{flag}.ckpt")["Body"].read()
-        archive = zipfile.ZipFile(io.BytesIO(data))
         if flag:
-            assert archive.testzip() is None
-            assert torch.equal(torch.load(io.BytesIO(data), weights_only=True)["w"], state["w"])
+            records = _zip_records(data)
+            assert {k: v for k, v in records.items() if "serialization_id" not in k} == expected
+            assert torch.equal(torch.load(io.BytesIO(data), weights_only=True)["bf16"], state["bf16"])  # type: ignore[arg-type]
         else:
+            archive = zipfile.ZipFile(io.BytesIO(data))
             assert all(info.CRC == 0 for info in archive.infolist())
             assert archive.testzip() is not None
+
+
+def test_a_stream_the_crc_filler_cannot_follow_is_saved_again_by_torch(
+    transport: S3Transport, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected fault (no real torch writes a layout the filler refuses): the filler raises ZipLayoutError
+    in the middle of a multipart save. The upload is aborted, the save is redone with torch computing the
+    CRC-32s, the object is a valid zip, and later saves skip the filler."""
+    from s3ckpt import serialization
+    from s3ckpt.zip_crc import ZipCrcFiller, ZipLayoutError
+
+    class Refusing(ZipCrcFiller):
+        def _fill_descriptor(self, desc: bytearray) -> None:
+            if self.records >= 5:
+                raise self._fail("injected: a layout this filler does not follow")
+            super()._fill_descriptor(desc)
+
+    monkeypatch.setattr(serialization, "ZipCrcFiller", Refusing)
+    monkeypatch.setattr(serialization, "_fast_writer_ok", True)
+    state = _state()
+    url = f"s3://{bucket}/refused.ckpt"
+    s3ckpt.save(state, url, transport=transport)
+    assert serialization._fast_writer_ok is False
+    data = transport.clients.get().get_object(Bucket=bucket, Key="refused.ckpt")["Body"].read()
+    assert len(_zip_records(data)) > 5
+    assert ops.list_uploads(transport, bucket) == []
+    # Later saves go through torch's own CRC-32 (the refusing filler is never asked again).
+    s3ckpt.save(state, f"s3://{bucket}/after.ckpt", transport=transport)
+    data = transport.clients.get().get_object(Bucket=bucket, Key="after.ckpt")["Body"].read()
+    assert len(_zip_records(data)) > 5
+    with pytest.raises(ZipLayoutError):
+        Refusing(io.BytesIO()).write(b"junk")

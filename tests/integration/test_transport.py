@@ -241,3 +241,17 @@ def test_upload_peak_memory_within_formula(s3_server: LocalS3Server, bucket: str
     formula = (conc + 1) * chunk_mb * MiB
     # 32 MiB of slack for thread stacks, sockets and botocore's per-request objects.
     assert growth <= formula + 32 * MiB, f"upload grew RSS by {growth / MiB:.0f} MiB, formula {formula / MiB:.0f} MiB"
+
+
+def test_write_tap_sees_every_byte_once_in_order(transport: S3Transport, bucket: str) -> None:
+    """``write(data, tap=...)`` hands back exactly the bytes copied into the part buffers, across part
+    boundaries that fall inside one write; the object stored is the same bytes."""
+    data = os.urandom(int(2.5 * PART))
+    seen = bytearray()
+    with MultipartWriter(transport, bucket, "tap/object.bin") as w:
+        w.write(data[:1000])
+        w.write(data[1000:], tap=seen.extend)
+    assert bytes(seen) == data[1000:]
+    out = bytearray(len(data))
+    download_into(transport, ops.head(transport, bucket, "tap/object.bin"), memoryview(out))
+    assert bytes(out) == data

@@ -344,13 +344,15 @@ def put_bytes(
     metadata: dict[str, str] | None = None,
     content_type: str = "application/octet-stream",
     if_none_match: bool = False,
+    crc32c: int | None = None,
 ) -> str:
-    """PUT a small object in one request (with its CRC32C unless checksums are off). Returns the ETag."""
+    """PUT a small object in one request (with its CRC32C unless checksums are off; pass ``crc32c`` if
+    already computed). Returns the ETag."""
     kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": data, "ContentType": content_type}
     if metadata:
         kwargs["Metadata"] = metadata
     if t.clients.config.checksum_algorithm == "CRC32C":
-        kwargs["ChecksumCRC32C"] = crc32c_b64(_crc32c.crc32c(data))
+        kwargs["ChecksumCRC32C"] = crc32c_b64(_crc32c.crc32c(data) if crc32c is None else crc32c)
     if if_none_match:
         kwargs["IfNoneMatch"] = "*"
     resp = t.call("PutObject", bucket, key, lambda c: c.put_object(**kwargs))
