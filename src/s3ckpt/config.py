@@ -48,15 +48,17 @@ MAX_PART_SIZE = 5 * 1024 * MiB
 MAX_PARTS = 10_000
 
 # Chosen by measurement (`make bench ARGS=--sweep`, tables in the README's "Benchmarks" section): on a
-# 2-core host sharing its CPU with the store, 8 MiB parts x 8 writers was within 5 % of the fastest save at
-# 512 MiB and 1 GiB (so was x 10; 8 MiB parts led in every sweep); 64 MiB parts x 10 (NeMo's defaults) took
-# 1.2-1.3x as long with (10+1) x 64 MiB of part buffers instead of 9 x 8 MiB. 16 MiB ranges x 8 readers
-# was within 5 % of the fastest load at every size in every sweep; 15 readers were never faster.
+# 2-core host sharing its CPU with the store, 16 MiB parts x 4 writers saved fastest at 512 MiB and 1 GiB
+# once the zip CRC-32s were computed on the copy (sweep-crcfill*.json), with the least client CPU (1.04 and
+# 0.96 CPU-s/GB against 1.19 and 1.09 for 8 MiB x 8, the previous default); 64 MiB parts x 10 (NeMo's
+# defaults) took 1.2-1.3x as long with (10+1) x 64 MiB of part buffers instead of 5 x 16 MiB. 16 MiB
+# ranges x 8 readers was within 5 % of the fastest load at every size in every sweep; 15 readers were never
+# faster. A remote store, where one connection carries less, may want more writers (and readers).
 # NeMo's knobs still work verbatim when given (S3CheckpointIO(dirpath, chunk_size_MB=64, ...)); only the
 # defaults differ from NeMo's, which are kept below for reference and for the request-budget docs.
-DEFAULT_CHUNK_SIZE_MB = 8
+DEFAULT_CHUNK_SIZE_MB = 16
 DEFAULT_MAX_READ_CONCURRENCY = 8
-DEFAULT_MAX_WRITE_CONCURRENCY = 8
+DEFAULT_MAX_WRITE_CONCURRENCY = 4
 # Ranged GETs of 8-16 MiB are fastest (AWS guidance; measured here: 64 MiB ranges halve GET speed).
 DEFAULT_READ_CHUNK_SIZE_MB = 16
 NEMO_CHUNK_SIZE_MB = 64
@@ -130,18 +132,20 @@ class TransferConfig:
 
     chunk_size_MB: int = field(default=DEFAULT_CHUNK_SIZE_MB, metadata={"env": "S3CKPT_CHUNK_SIZE_MB", "type": int})
     """Multipart part size in MiB, 5 to 5120 (S3's limits). Raised automatically for objects that would
-    need more than 10,000 parts. Env ``S3CKPT_CHUNK_SIZE_MB``; default 8 (NeMo's is 64). Measured
-    (512 MiB and 1 GiB, SeaweedFS on the same 2 cores): 8 MiB parts saved fastest; 64 MiB parts took
-    1.2-1.3x as long and hold (concurrency+1) x 64 MiB of buffers. Smaller parts mean more requests
-    per second per prefix (:func:`s3ckpt.budget.check_request_budget` models it): for jobs with more than
-    about 30 ranks writing under one prefix, raise it (the budget warning says to what)."""
+    need more than 10,000 parts. Env ``S3CKPT_CHUNK_SIZE_MB``; default 16 (NeMo's is 64). Measured
+    (512 MiB and 1 GiB, SeaweedFS on the same 2 cores): 16 MiB parts saved fastest with the least client
+    CPU (8 MiB parts within 5 %); 64 MiB parts took 1.2-1.3x as long and hold (concurrency+1) x 64 MiB of
+    buffers. Smaller parts mean more requests per second per prefix
+    (:func:`s3ckpt.budget.check_request_budget` models it): for jobs with more than about 120 ranks
+    writing under one prefix at the defaults, raise it (the budget warning says to what)."""
 
     max_write_concurrency: int = field(
         default=DEFAULT_MAX_WRITE_CONCURRENCY, metadata={"env": "S3CKPT_MAX_WRITE_CONCURRENCY", "type": int}
     )
-    """Upload parts in flight at once, 1 to 1000. Env ``S3CKPT_MAX_WRITE_CONCURRENCY``; default 8 (NeMo's
-    is 10). Measured with 8 MiB parts: 8 and 10 within 5 % of the fastest at 512 MiB and 1 GiB, 4 as fast
-    only on a loaded host; 8 holds one part buffer less than 10."""
+    """Upload parts in flight at once, 1 to 1000. Env ``S3CKPT_MAX_WRITE_CONCURRENCY``; default 4 (NeMo's
+    is 10). Measured with 16 MiB parts next to a local store: 4 writers faster than 8 at 512 MiB and 1 GiB,
+    with less client CPU and half the part buffers. Against a remote store, where one connection carries
+    less, raise it (8-16)."""
 
     max_read_concurrency: int = field(
         default=DEFAULT_MAX_READ_CONCURRENCY, metadata={"env": "S3CKPT_MAX_READ_CONCURRENCY", "type": int}

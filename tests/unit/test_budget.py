@@ -144,13 +144,13 @@ def test_rate_warning_names_the_part_size_knob() -> None:
 
 
 def test_checkpoint_io_defaults_and_nemo_knobs_verbatim() -> None:
-    """No knob: the measured defaults (8 MiB x 8, 8 readers, 2 pending saves); NeMo's knobs are kept as given."""
+    """No knob: the measured defaults (16 MiB x 4, 8 readers, 2 pending saves); NeMo's knobs are kept as given."""
     from s3ckpt.lightning import S3CheckpointIO
 
     io = S3CheckpointIO("s3://bucket/run")
     t = io.transport.transfer
-    assert (t.chunk_size_MB, t.max_write_concurrency, t.max_read_concurrency) == (8, 8, 8)
-    assert io.request_budget.write_rate == pytest.approx(100 / 8)
+    assert (t.chunk_size_MB, t.max_write_concurrency, t.max_read_concurrency) == (16, 4, 8)
+    assert io.request_budget.write_rate == pytest.approx(100 / 16)
     nemo = S3CheckpointIO("s3://bucket/run", chunk_size_MB=64, max_read_concurrency=15, max_write_concurrency=10)
     t = nemo.transport.transfer
     assert (t.chunk_size_MB, t.max_write_concurrency, t.max_read_concurrency) == (64, 10, 15)

@@ -19,12 +19,12 @@ from s3ckpt.errors import ConfigError
 
 
 def test_defaults_are_the_measured_ones() -> None:
-    """8 MiB parts x 8 writers, 8 readers of 16 MiB ranges (the sweep in the README); NeMo's are kept apart."""
+    """16 MiB parts x 4 writers, 8 readers of 16 MiB ranges (the sweep in the README); NeMo's are kept apart."""
     from s3ckpt.config import NEMO_CHUNK_SIZE_MB, NEMO_MAX_READ_CONCURRENCY, NEMO_MAX_WRITE_CONCURRENCY
 
     cfg = TransferConfig()
-    assert (cfg.chunk_size_MB, cfg.max_read_concurrency, cfg.max_write_concurrency) == (8, 8, 8)
-    assert cfg.upload_memory_bytes == 9 * 8 * MiB
+    assert (cfg.chunk_size_MB, cfg.max_read_concurrency, cfg.max_write_concurrency) == (16, 8, 4)
+    assert cfg.upload_memory_bytes == 5 * 16 * MiB
     assert (NEMO_CHUNK_SIZE_MB, NEMO_MAX_READ_CONCURRENCY, NEMO_MAX_WRITE_CONCURRENCY) == (64, 15, 10)
 
 
