@@ -60,7 +60,18 @@ INVESTIGATED: list[dict[str, str]] = [
     {"flag": "-s3.concurrentUploadLimitMB / -filer.concurrentUploadLimitMB", "finding": "default 0 = unlimited"},
     {
         "flag": "MD5 / ETag computation",
-        "finding": "no flag or setting turns it off in weed 4.48 (about half of the server's CPU per byte written)",
+        "finding": "no flag or setting turns it off in weed 4.48 (about half of the server's CPU per byte written: "
+        "a CPU profile, weed -cpuprofile, shows crypto/md5 over every byte four times: the S3 gateway's ETag, the "
+        "filer's object and chunk MD5s, and the volume server's needle)",
+    },
+    {
+        "flag": "Content-Type of the upload (client side)",
+        "finding": "none, octet-stream, zip, x-pytorch: server CPU per GB within noise (10.4-11.8), so weed does "
+        "not spend it guessing whether to compress",
+    },
+    {
+        "flag": "the client's x-amz-checksum-crc32c on every part (client side)",
+        "finding": "6 A/B pairs of 512 MiB saves: server CPU 5.24 s with it, 5.17 s without (1 %); kept",
     },
 ]
 
