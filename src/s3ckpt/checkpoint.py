@@ -119,15 +119,18 @@ def save(
     bucket, key = parse_s3_url(url, require_key=True)
     t = resolve_transport(transport, chunk_size_MB=chunk_size_MB, max_write_concurrency=max_write_concurrency)
     start = time.perf_counter()
-    try:
+
+    def upload() -> MultipartWriter:
         with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=progress) as writer:
             save_to_stream(obj, writer, zip_crc32=zip_crc32)
+        return writer
+
+    try:
+        result = upload().result
     except ZipLayoutError as exc:
         # The upload was aborted, so nothing was stored: save again with torch computing the CRC-32s.
         disable_crc_filling(f"{url}: {exc}")
-        with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=progress) as writer:
-            save_to_stream(obj, writer, zip_crc32=zip_crc32)
-    result = writer.result
+        result = upload().result
     write_manifest(t, result, summarize_meta(obj))
     seconds = time.perf_counter() - start
     log.debug("saved %s: %d bytes in %.2f s", url, result.size, seconds)
