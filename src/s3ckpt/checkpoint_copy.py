@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .checkpoint import resolve_transport
 from .errors import CheckpointCorruptedError, CheckpointNotFoundError, S3NotFoundError
-from .layout import Manifest, expected_crc32c, manifest_key, read_manifest
+from .layout import expected_crc32c, manifest_key, read_manifest, write_manifest
 from .s3_dirpath_utils import parse_s3_url
 from .transport import ops
 from .transport.context import S3Transport
@@ -83,16 +83,7 @@ def copy(src_url: str, dst_url: str, *, transport: S3Transport | None = None, ve
     if crc is not None:
         meta: dict[str, object] = dict(found.meta) if found is not None else {}
         meta[COPY_OF_META] = src_key
-        manifest = Manifest(
-            key=dst_key,
-            size=result.size,
-            crc32c=crc,
-            etag=result.etag,
-            nonce=result.nonce,
-            created=time.time(),
-            meta=meta,
-        )
-        ops.put_bytes(t, dst_bucket, manifest_key(dst_key), manifest.to_json(), content_type="application/json")
+        write_manifest(t, result.as_upload(crc), meta)
     else:
         # No digest to carry: drop a stale manifest of an earlier object at dst, which would now mismatch.
         ops.delete_object(t, dst_bucket, manifest_key(dst_key))

@@ -34,7 +34,7 @@ from typing import Any
 
 from .errors import CheckpointCorruptedError, S3NotFoundError
 from .transport import ops
-from .transport.checksums import COMPOSITE, FULL_OBJECT, composite_of
+from .transport.checksums import COMPOSITE, FULL_OBJECT, b64, composite_of
 from .transport.context import S3Transport
 from .transport.ops import ObjectInfo
 from .transport.upload import NONCE_META, UploadResult
@@ -149,6 +149,14 @@ def read_manifest(t: S3Transport, bucket: str, key: str) -> Manifest | None:
     return Manifest.from_json(data, where=f"s3://{bucket}/{manifest_key(key)}")
 
 
+SOURCE_STORE = "object"
+"""The checksum is the one the store keeps with the object."""
+SOURCE_MANIFEST = "manifest"
+"""The checksum is the CRC32C in the object's s3ckpt manifest."""
+SOURCE_DCP = "DCP manifest"
+"""The checksum is the CRC32C in a DCP checkpoint's sidecar manifest (``.metadata.s3ckpt.json``)."""
+
+
 # expected_crc32c(manifest=...) default: the caller has not read the manifest; read it if it is needed.
 _UNREAD: Any = object()
 
@@ -168,21 +176,13 @@ def expected_crc32c(t: S3Transport, info: ObjectInfo, *, manifest: Manifest | No
             replaced outside s3ckpt after it was saved).
     """
     if info.checksum_crc32c:
-        return int.from_bytes(base64.b64decode(info.checksum_crc32c), "big"), "object"
+        return _store_crc32c(info), SOURCE_STORE
     if manifest is _UNREAD:
         manifest = read_manifest(t, info.bucket, info.key)
     if manifest is None:
         return None, "no checksum stored with the object and no manifest (not written by s3ckpt?)"
     _check_manifest(manifest, info)
-    return manifest.crc32c, "manifest"
-
-
-SOURCE_STORE = "object"
-"""The checksum is the one the store keeps with the object."""
-SOURCE_MANIFEST = "manifest"
-"""The checksum is the CRC32C in the object's s3ckpt manifest."""
-SOURCE_DCP = "DCP manifest"
-"""The checksum is the CRC32C in a DCP checkpoint's sidecar manifest (``.metadata.s3ckpt.json``)."""
+    return manifest.crc32c, SOURCE_MANIFEST
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class Expected:
     @property
     def value(self) -> str:
         """The expected checksum as S3 shows it: base64, with ``-<parts>`` for a composite."""
-        text = base64.b64encode(self.digest).decode("ascii")
+        text = b64(self.digest)
         return f"{text}-{len(self.part_sizes)}" if self.checksum_type == COMPOSITE else text
 
     @property
@@ -260,6 +260,11 @@ class Expected:
         return {SOURCE_STORE: "object", SOURCE_MANIFEST: "manifest"}.get(self.source, self.source)
 
 
+def _store_crc32c(info: ObjectInfo) -> int:
+    """The full-object CRC32C the store keeps with ``info`` (``info.checksum_crc32c`` must be set)."""
+    return int.from_bytes(base64.b64decode(info.checksum_crc32c or ""), "big")
+
+
 def _crc32c_expected(value: int, source: str) -> Expected:
     return Expected("CRC32C", FULL_OBJECT, value.to_bytes(4, "big"), source)
 
@@ -279,7 +284,7 @@ def expected_checksum(
         CheckpointCorruptedError: a manifest exists but describes different bytes.
     """
     if info.checksum_crc32c:
-        return _crc32c_expected(int.from_bytes(base64.b64decode(info.checksum_crc32c), "big"), SOURCE_STORE), ""
+        return _crc32c_expected(_store_crc32c(info), SOURCE_STORE), ""
     if recorded is not None:
         return _crc32c_expected(recorded[0], recorded[1]), ""
     found = read_manifest(t, info.bucket, info.key) if manifest else None

@@ -21,7 +21,6 @@ import zipfile
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-import crc32c as _crc32c
 import torch
 from torch.utils.serialization import config as serialization_config
 
@@ -34,7 +33,6 @@ __all__ = [
     "LoadBuffer",
     "ZipLayoutError",
     "clone_to_host",
-    "crc32c_of",
     "disable_crc_filling",
     "load_from_buffer",
     "save_to_stream",
@@ -99,10 +97,10 @@ def _fast_writer_works() -> bool:
             filler = ZipCrcFiller(sink)
             _torch_save_without_crc(probe, filler)
             filler.finish()
-            archive = zipfile.ZipFile(io.BytesIO(bytes(sink.data)))
-            if archive.testzip() is not None:
+            data = bytes(sink.data)
+            if zipfile.ZipFile(io.BytesIO(data)).testzip() is not None:
                 raise ZipLayoutError("zipfile reports a bad CRC-32")
-            loaded = torch.load(io.BytesIO(bytes(sink.data)), weights_only=True)
+            loaded = torch.load(io.BytesIO(data), weights_only=True)
             _fast_writer_ok = bool(torch.equal(loaded["w"], weights)) and loaded["meta"] == probe["meta"]
         except Exception as exc:  # any failure means: use torch's own path
             log.info("s3ckpt: zip CRC-32s computed by torch (the filler's self-check failed: %s)", exc)
@@ -132,16 +130,6 @@ def _torch_save_public(obj: Any, stream: Any, *, compute_crc32: bool) -> None:
     # zip reader that checks CRCs would notice; torch.load does not).
     with serialization_config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
         torch.save(obj, stream)
-
-
-def crc32c_of(data: memoryview | bytes | bytearray | mmap.mmap, chunk: int = 64 * 1024 * 1024) -> int:
-    """CRC32C of ``data``, in slices so the GIL is released between them on large buffers."""
-    view = memoryview(data)
-    crc = 0
-    for start in range(0, len(view), chunk):
-        crc = _crc32c.crc32c(view[start : start + chunk], crc)
-    view.release()
-    return crc
 
 
 class LoadBuffer:

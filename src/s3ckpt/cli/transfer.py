@@ -152,7 +152,7 @@ def download_to_file(
 def _server_side_copy(t: S3Transport, src: ObjectInfo, bucket: str, key: str, crc: int) -> UploadResult:
     # The source's metadata travels with a fresh nonce, which ties the new manifest to this copy.
     copied = copy_object(t, src.bucket, src.key, bucket, key, source=src, metadata=dict(src.metadata))
-    return UploadResult(bucket, key, copied.size, copied.etag, crc, copied.parts, copied.nonce)
+    return copied.as_upload(crc)
 
 
 def _streamed_copy(

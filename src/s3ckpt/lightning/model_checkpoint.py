@@ -287,6 +287,8 @@ class S3ModelCheckpoint(ModelCheckpoint):
         self._failed_seen = len(failed)
         if not new:
             return
+        # Removals already carried out: their checkpoints are gone whether or not a later save failed.
+        removed = {r.path for r in plugin.removals if r.done_at is not None}
         dropped = [k for k in self.best_k_models if to_url(k).rstrip("/") in new]
         for key in dropped:
             del self.best_k_models[key]
@@ -298,7 +300,6 @@ class S3ModelCheckpoint(ModelCheckpoint):
             self.best_model_score = self.best_k_models[self.best_model_path]
         elif to_url(self.best_model_path).rstrip("/") in new:
             # No scores to choose by (no monitor): the newest committed save that was not removed.
-            removed = {r.path for r in plugin.removals if r.done_at is not None}
             good = [
                 r.path
                 for r in plugin.records
@@ -311,11 +312,9 @@ class S3ModelCheckpoint(ModelCheckpoint):
             if not self.best_k_models:
                 self.best_model_score = None
         last = to_url(self.last_model_path).rstrip("/")
-        if last in new:
-            # A failed save replaces nothing: the path still holds its last committed save, if it had one.
-            removed = {r.path for r in plugin.removals if r.done_at is not None}
-            if last in removed or not any(r.path == last and not r.failed for r in plugin.records):
-                self.last_model_path = ""
+        # A failed save replaces nothing: the path still holds its last committed save, if it had one.
+        if last in new and (last in removed or not any(r.path == last and not r.failed for r in plugin.records)):
+            self.last_model_path = ""
         rank_zero_warn(
             f"{type(self).__name__}: {len(new)} checkpoint save(s) failed and are not tracked: {sorted(new)}; "
             f"best_model_path is now {self.best_model_path or 'unset'!r}"

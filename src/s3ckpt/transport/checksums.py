@@ -22,6 +22,7 @@ from ``hashlib``. No torch, no boto3.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import logging
 import threading
@@ -326,14 +327,8 @@ class RangeDigest:
         self._hashers: list[Hasher] = [] if self._crc else [new_hasher(algorithm) for _ in segment_sizes]
 
     def segment_at(self, offset: int) -> int:
-        lo, hi = 0, len(self.bounds) - 2
-        while lo < hi:  # the last segment whose start is <= offset
-            mid = (lo + hi + 1) // 2
-            if self.bounds[mid] <= offset:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        """The segment holding byte ``offset``: the last one starting at or before it."""
+        return max(0, min(bisect.bisect_right(self.bounds, offset) - 1, len(self.bounds) - 2))
 
     def begin(self, start: int, end: int) -> _CrcRange | _ShaRange:
         """State for one attempt at bytes ``[start, end)``."""

@@ -26,7 +26,7 @@ from ..errors import ConflictError, S3CheckpointError
 from . import ops
 from .context import S3Transport
 from .ops import ObjectInfo
-from .upload import NONCE_META
+from .upload import NONCE_META, UploadResult
 
 __all__ = ["COPY_PART_SIZE", "MAX_COPY_OBJECT_SIZE", "CopyResult", "copy_object"]
 
@@ -53,6 +53,11 @@ class CopyResult:
     """The source as HEADed before the copy; its ETag was pinned with ``CopySourceIfMatch``."""
     parts: int
     """0 for a single CopyObject, else the number of UploadPartCopy parts."""
+
+    def as_upload(self, crc32c: int) -> UploadResult:
+        """The copy as an upload of the same bytes, whose CRC32C (the source's) the caller knows: what
+        :func:`s3ckpt.layout.write_manifest` records."""
+        return UploadResult(self.bucket, self.key, self.size, self.etag, crc32c, self.parts, self.nonce)
 
 
 def copy_object(

@@ -3,7 +3,6 @@ and multipart-upload housekeeping. Every call goes through the retry policy."""
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,7 +12,7 @@ from typing import Any
 import crc32c as _crc32c
 
 from ..errors import S3CheckpointError, S3NotFoundError, S3TransferError
-from .checksums import ALGORITHMS, FULL_OBJECT, StoredChecksum
+from .checksums import ALGORITHMS, FULL_OBJECT, StoredChecksum, b64
 from .context import S3Transport
 
 __all__ = [
@@ -44,7 +43,7 @@ DELETE_BATCH = 1000
 
 def crc32c_b64(value: int) -> str:
     """S3's wire form of a CRC32C: the 4 big-endian bytes, base64-encoded."""
-    return base64.b64encode(value.to_bytes(4, "big")).decode("ascii")
+    return b64(value.to_bytes(4, "big"))
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def head(t: S3Transport, bucket: str, key: str) -> ObjectInfo:
         S3NotFoundError: if the object (or bucket) does not exist.
     """
     resp = t.call("HeadObject", bucket, key, lambda c: c.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
-    checksums = {alg: str(resp[f"Checksum{alg}"]) for alg in ALGORITHMS if resp.get(f"Checksum{alg}")}
+    checksums = _checksums_in(resp)
     kind = resp.get("ChecksumType")
     if checksums and kind not in ("FULL_OBJECT", "COMPOSITE"):
         kind = "COMPOSITE" if any("-" in v for v in checksums.values()) else "FULL_OBJECT"
@@ -164,8 +163,7 @@ def object_parts(t: S3Transport, info: ObjectInfo, parts: int) -> list[PartInfo]
             resp = t.call("GetObjectAttributes", bucket, key, partial(_object_attributes, kwargs))
             page = resp.get("ObjectParts") or {}
             for p in page.get("Parts") or []:
-                sums = {alg: str(p[f"Checksum{alg}"]) for alg in ALGORITHMS if p.get(f"Checksum{alg}")}
-                found.append(PartInfo(int(p["PartNumber"]), int(p["Size"]), sums))
+                found.append(PartInfo(int(p["PartNumber"]), int(p["Size"]), _checksums_in(p)))
             if not page.get("IsTruncated") or not page.get("NextPartNumberMarker"):
                 break
             marker = int(page["NextPartNumberMarker"])
@@ -180,9 +178,13 @@ def object_parts(t: S3Transport, info: ObjectInfo, parts: int) -> list[PartInfo]
     found = []
     for n in range(1, parts + 1):
         resp = t.call("HeadObject", bucket, key, partial(_head_part, bucket, key, n, info.etag))
-        sums = {alg: str(resp[f"Checksum{alg}"]) for alg in ALGORITHMS if resp.get(f"Checksum{alg}")}
-        found.append(PartInfo(n, int(resp["ContentLength"]), sums))
+        found.append(PartInfo(n, int(resp["ContentLength"]), _checksums_in(resp)))
     return found if sum(p.size for p in found) == info.size else None
+
+
+def _checksums_in(resp: dict[str, Any]) -> dict[str, str]:
+    """The ``Checksum<ALGORITHM>`` fields of a response (HEAD, or one part of GetObjectAttributes)."""
+    return {alg: str(resp[f"Checksum{alg}"]) for alg in ALGORITHMS if resp.get(f"Checksum{alg}")}
 
 
 def _object_attributes(kwargs: dict[str, Any], c: Any) -> dict[str, Any]:
