@@ -125,9 +125,10 @@ class TransferConfig:
     a load holds one buffer the size of the checkpoint (see the module docstring).
 
     Request budget: S3 serves at least 3,500 writes and 5,500 reads per second per key prefix. With
-    tensor-parallel size ``tp`` and pipeline-parallel size ``pp`` writing under one prefix, keep
-    ``max_write_concurrency * tp * pp * 1.15 <= 3500`` and ``max_read_concurrency * tp * pp * 1.15 <= 5500``
-    (NeMo's rule; :func:`s3ckpt.budget.check_request_budget` checks it).
+    tensor-parallel size ``tp`` and pipeline-parallel size ``pp`` writing under one prefix, a save sends
+    about ``max_write_concurrency x max(1, 100 / chunk_size_MB) x tp x pp x 1.15`` requests per second (a
+    load alike with the read knobs); :func:`s3ckpt.budget.check_request_budget` checks it, with NeMo's rule
+    ``concurrency * tp * pp * 1.15`` as its floor.
     """
 
     chunk_size_MB: int = field(default=DEFAULT_CHUNK_SIZE_MB, metadata={"env": "S3CKPT_CHUNK_SIZE_MB", "type": int})
