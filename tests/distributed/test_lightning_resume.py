@@ -41,33 +41,19 @@ def _free_port() -> int:
 
 def _rank_main(cfg_json: str) -> None:  # pragma: no cover - runs in the rank processes
     import torch.distributed as dist
-    import torch.nn.functional as F
     from lightning.pytorch import Callback, LightningModule, Trainer
     from lightning.pytorch.strategies import DDPStrategy
-    from torch.utils.data import DataLoader, TensorDataset
 
     from s3ckpt.config import ClientConfig
     from s3ckpt.lightning import S3CheckpointIO, S3ModelCheckpoint, configure_s3_resume
+    from tests.integration._lightning_resume_script import LinearModel
+
+    def new_model() -> LinearModel:  # the model every phase of this script trains
+        return LinearModel(features=4, samples=32)
 
     cfg = json.loads(cfg_json)  # the rank comes from LOCAL_RANK, as Lightning reads it
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
-
-    class Model(LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = torch.nn.Linear(4, 2)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return F.mse_loss(self.layer(x), y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-        def train_dataloader(self) -> DataLoader[Any]:
-            g = torch.Generator().manual_seed(0)
-            return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 2, generator=g)), 4)
 
     class Record(Callback):
         def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -99,7 +85,7 @@ def _rank_main(cfg_json: str) -> None:  # pragma: no cover - runs in the rank pr
     client = ClientConfig(endpoint_url=cfg["endpoint"], access_key_id=cfg["ak"], secret_access_key=cfg["sk"])
     os.environ["MASTER_PORT"] = str(cfg["ports"][0])
     first = trainer(TRAIN_STEPS, S3CheckpointIO(cfg["dirpath"], client=client))
-    model = Model()
+    model = new_model()
     first.fit(model)
     out["trained"] = {"step": first.global_step, "epoch": first.current_epoch}
     out["trained"]["weights"] = {k: v.tolist() for k, v in model.state_dict().items()}
@@ -120,7 +106,7 @@ def _rank_main(cfg_json: str) -> None:  # pragma: no cover - runs in the rank pr
     start = time.perf_counter()
     # "last" as users write it: Lightning's own lookup would list S3 on every rank; the connector uses
     # rank 0's choice instead (the wire counts below would show a listing on rank 1).
-    tr.fit(Model(), ckpt_path="last")
+    tr.fit(new_model(), ckpt_path="last")
     out.update(before_load=loads, resumed=tr.ckpt_path, fit_s=round(time.perf_counter() - start, 2))
     out["load_s"] = tr._checkpoint_connector.load_seconds  # type: ignore[attr-defined]
 
@@ -129,7 +115,7 @@ def _rank_main(cfg_json: str) -> None:  # pragma: no cover - runs in the rank pr
     tr2 = trainer(1, S3CheckpointIO(cfg["dirpath"] + "-empty", client=client))
     configure_s3_resume(tr2, cfg["dirpath"] + "-empty")
     try:
-        tr2.fit(Model())
+        tr2.fit(new_model())
         out["empty"] = {"type": "", "message": "no error"}
     except Exception as exc:
         out["empty"] = {"type": type(exc).__name__, "message": str(exc)}

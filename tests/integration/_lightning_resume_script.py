@@ -44,6 +44,28 @@ class TinyModel(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class LinearModel(pl.LightningModule):
+    """One linear layer trained with SGD on a fixed random regression set of ``samples`` rows of
+    ``features``, batches of 4: the smallest model whose checkpoints Lightning saves and resumes."""
+
+    def __init__(self, features: int = 8, samples: int = 64) -> None:
+        super().__init__()
+        self.layer = nn.Linear(features, 2)
+        self.samples, self.features = samples, features
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.samples, self.features, generator=g)
+        return DataLoader(TensorDataset(x, torch.randn(self.samples, 2, generator=g)), 4)
+
+
 def loader() -> DataLoader[Any]:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(SAMPLES, 8, generator=g), torch.randn(SAMPLES, 1, generator=g))

@@ -16,10 +16,7 @@ import time
 from typing import Any
 
 import pytest
-import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.data import DataLoader, TensorDataset
 
 from s3ckpt.config import ClientConfig, RetryConfig
 from s3ckpt.errors import S3TransferError
@@ -27,6 +24,7 @@ from s3ckpt.lightning import S3CheckpointIO, S3CheckpointMetrics, S3ModelCheckpo
 from s3ckpt.server import LocalS3Server
 from s3ckpt.transport import ops
 from tests.faults.proxy import FaultProxy
+from tests.integration._lightning_resume_script import LinearModel
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
@@ -35,23 +33,6 @@ RETRY = RetryConfig(max_attempts=100, base_delay_s=0.05, max_delay_s=0.5, deadli
 MAX_STEPS = 12
 EVERY = 2  # a checkpoint (and last.ckpt) every 2 steps
 OUTAGE_FROM, OUTAGE_UNTIL = 3, 7  # the saves of steps 4 and 6 meet the outage
-
-
-class Model(LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(8, 2)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.mse_loss(self.layer(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        g = torch.Generator().manual_seed(0)
-        return DataLoader(TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, 2, generator=g)), 4)
 
 
 class Outage(Callback):
@@ -113,7 +94,7 @@ def test_warn_keeps_training_through_an_outage(
     fault_proxy: FaultProxy, s3_server: LocalS3Server, bucket: str, tmp_path: Any, async_mode: bool
 ) -> None:
     trainer, io, ckpt, metrics, outage, dirpath = _run(fault_proxy, s3_server, bucket, tmp_path, "warn", async_mode)
-    trainer.fit(Model())
+    trainer.fit(LinearModel())
     assert trainer.global_step == MAX_STEPS
 
     failed = sorted(r.path for r in io.failed_saves)
@@ -141,7 +122,7 @@ def test_raise_stops_the_run_within_the_deadline(
 ) -> None:
     trainer, _, _, _, outage, _ = _run(fault_proxy, s3_server, bucket, tmp_path, "raise")
     with pytest.raises(S3TransferError, match=r"SlowDown|503"):
-        trainer.fit(Model())
+        trainer.fit(LinearModel())
     assert outage.started_at is not None
     took = time.monotonic() - outage.started_at
     print(f"\nthe run stopped {took:.1f} s after the outage began (deadline {DEADLINE_S:g} s)")
