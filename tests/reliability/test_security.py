@@ -71,8 +71,9 @@ def test_no_secret_in_logs_or_errors(s3_server: LocalS3Server, bucket: str, capl
     """DEBUG logging of everything (botocore's wire trace included) never shows a secret or session token."""
     token = "FwoGZXIvYXdzEXAMPLESESSIONTOKEN" + "x" * 40
     captured: list[str] = []
-    with caplog.at_level(logging.DEBUG):
-        logging.getLogger("botocore").setLevel(logging.DEBUG)
+    # Both levels are restored on exit: a botocore logger left at DEBUG would log (and capture) every later
+    # test's request bodies, megabytes each, slowing the rest of the session enough to break its timing checks.
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="botocore"):
         good = _t(client_config_for(s3_server))
         url = f"s3://{bucket}/logs.ckpt"
         s3ckpt.save({"w": torch.randn(2 * 1024 * 1024)}, url, transport=good)
