@@ -90,13 +90,20 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
+def _number(name: str, value: object, at_least: float | None = None, unit: str = "") -> float:
+    """``value`` as a real number above 0 (or ``>= at_least``); booleans and NaN are refused."""
+    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    if not (number > 0 if at_least is None else number >= at_least):  # NaN fails both
+        what = "a positive number" if at_least is None else f"a number >= {at_least}"
+        raise ConfigError(f"check_request_budget: {name} must be {what}{unit}, got {value!r}")
+    return number
+
+
 def _rate(owner: str, size_MB: float | None, connection_MBps: float) -> float:
     """Requests per second of one connection moving parts of ``size_MB`` (NeMo's floor: 1)."""
     if size_MB is None:
         return 1.0
-    if isinstance(size_MB, bool) or not isinstance(size_MB, int | float) or not size_MB > 0:
-        raise ConfigError(f"check_request_budget: {owner} must be a positive number of MiB, got {size_MB!r}")
-    return max(1.0, connection_MBps / size_MB)
+    return max(1.0, connection_MBps / _number(owner, size_MB, unit=" of MiB"))
 
 
 def check_request_budget(
@@ -145,10 +152,8 @@ def check_request_budget(
     shards = _positive("tp", tp) * _positive("pp", pp)
     prefixes = _positive("n_prefixes", n_prefixes)
     readers = _positive("readers_per_shard", readers_per_shard)
-    if isinstance(headroom, bool) or not isinstance(headroom, int | float) or not headroom >= 1.0:
-        raise ConfigError(f"check_request_budget: headroom must be a number >= 1.0, got {headroom!r}")
-    if isinstance(connection_MBps, bool) or not isinstance(connection_MBps, int | float) or not connection_MBps > 0:
-        raise ConfigError(f"check_request_budget: connection_MBps must be a positive number, got {connection_MBps!r}")
+    headroom = _number("headroom", headroom, at_least=1.0)
+    connection_MBps = _number("connection_MBps", connection_MBps)
     write_rate = _rate("part_size_MB", part_size_MB, connection_MBps)
     read_rate = _rate("read_size_MB", read_size_MB, connection_MBps)
     budget = RequestBudget(

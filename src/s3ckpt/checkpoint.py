@@ -120,8 +120,19 @@ def save(
     t = resolve_transport(transport, chunk_size_MB=chunk_size_MB, max_write_concurrency=max_write_concurrency)
     start = time.perf_counter()
 
+    reported = 0  # bytes the caller's progress has been told of, so a redo does not count them twice
+
     def upload() -> MultipartWriter:
-        with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=progress) as writer:
+        stored = 0
+
+        def counted(n: int) -> None:
+            nonlocal reported, stored
+            stored += n
+            if progress is not None and stored > reported:
+                progress(stored - reported)
+                reported = stored
+
+        with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=counted) as writer:
             save_to_stream(obj, writer, zip_crc32=zip_crc32)
         return writer
 

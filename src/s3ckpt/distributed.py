@@ -19,25 +19,16 @@ import os
 import pickle
 import time
 import traceback
-import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch.distributed as dist
 
 from . import checkpoint as ck
-from .catalog import GROUP_MARKER_SUFFIX, CheckpointEntry, list_checkpoints, uninject_model_parallel_rank
-from .errors import (
-    CheckpointCorruptedError,
-    CheckpointNotFoundError,
-    ConfigError,
-    ResumeError,
-    S3CheckpointError,
-    S3NotFoundError,
-)
-from .layout import expected_crc32c
+from .catalog import GROUP_MARKER_SUFFIX, uninject_model_parallel_rank
+from .errors import CheckpointNotFoundError, ConfigError, S3CheckpointError
+from .resume import VerifyPolicy, find_resume_checkpoint, head_many
 from .s3_dirpath_utils import build_s3_url, parse_s3_url
 from .transport import ops
 from .transport.context import S3Transport
@@ -59,7 +50,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-VerifyPolicy = bool | Literal["head"]
 GROUP_MARKER_FORMAT = "s3ckpt-group/1"
 _BROADCAST_NOTE = "raised on the rank that ran the step and broadcast to this one"
 
@@ -183,118 +173,6 @@ def _capture(fn: Callable[[], T]) -> _Outcome[T]:
 # -- resume rules ------------------------------------------------------------------------------------------
 
 
-def _stem(entry: CheckpointEntry) -> str | None:
-    """The name without ``.ckpt``, if the entry may be an ``*end``/``*last`` candidate (NeMo's globs)."""
-    name = entry.name
-    if name.endswith(".ckpt"):
-        return name[: -len(".ckpt")]
-    return name if entry.kind == "sharded" else None
-
-
-def _check(t: S3Transport, entry: CheckpointEntry, policy: VerifyPolicy) -> None:
-    """Raise :class:`CheckpointCorruptedError` if ``entry`` fails the ``policy`` check (see resolve_resume_path)."""
-    if policy is False or entry.kind == "sharded":
-        return  # DCP shards carry no s3ckpt checksum; `.metadata` (written last) is their commit record.
-    bucket, _ = parse_s3_url(entry.url)
-    if entry.kind == "model_parallel":
-        _check_group(t, bucket, entry)
-    for key in entry.keys if policy is True else ():
-        buf, _, _ = ck._download_verified(t, build_s3_url(bucket, key), verify=True, progress=None)
-        buf.close()
-    if policy == "head" and entry.kind == "file":
-        expected_crc32c(t, ops.head(t, bucket, entry.keys[0]))
-
-
-def _check_group(t: S3Transport, bucket: str, entry: CheckpointEntry) -> None:
-    _, logical = parse_s3_url(entry.url)
-    try:
-        recorded = json.loads(ops.get_bytes(t, bucket, logical + GROUP_MARKER_SUFFIX)).get("files")
-    except (ValueError, AttributeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        return  # a marker not written by commit_model_parallel: its presence is all it says
-    changed = sorted(set(recorded) ^ set(entry.keys))
-    if not changed:
-        infos = _head_many(t, bucket, sorted(recorded))
-        changed = [
-            i.key if i else k
-            for k, i in zip(sorted(recorded), infos, strict=True)
-            if i is None or (i.size, i.etag) != (recorded[k].get("size"), recorded[k].get("etag"))
-        ]
-    if changed:
-        raise CheckpointCorruptedError(
-            f"{entry.url}: rank file(s) {[build_s3_url(bucket, k) for k in changed[:4]]} missing, added or replaced "
-            "after the group was committed"
-        )
-
-
-def _head_many(t: S3Transport, bucket: str, keys: list[str]) -> list[ops.ObjectInfo | None]:
-    """HEAD each key in parallel (``None`` where missing): ``tp * pp`` requests, never per data-parallel rank."""
-
-    def head(key: str) -> ops.ObjectInfo | None:
-        try:
-            return ops.head(t, bucket, key)
-        except S3NotFoundError:
-            return None
-
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(keys)))) as pool:
-        return list(pool.map(head, keys))
-
-
-def find_resume_checkpoint(
-    dirpath: str,
-    *,
-    resume_ignore_no_checkpoint: bool = False,
-    resume_past_end: bool = False,
-    transport: S3Transport | None = None,
-    verify_candidates: VerifyPolicy = "head",
-) -> str | None:
-    """The checkpoint to resume from under ``dirpath``, found by this process alone (no collective).
-
-    Use :func:`resolve_resume_path` in a multi-process job; the rules and arguments are the same.
-    """
-    t = ck.resolve_transport(transport)
-    entries = list_checkpoints(t, dirpath)
-    # list_checkpoints orders newest step first, then newest time.
-    ends = [e for e in entries if (_stem(e) or "").endswith("end")]
-    lasts = [e for e in entries if (_stem(e) or "").endswith("last")]
-    committed_ends = [e for e in ends if e.committed]
-    if committed_ends and not resume_past_end:
-        raise ResumeError(
-            f"Found {committed_ends[0].url} indicating that the last training run has already completed. "
-            "Pass resume_past_end=True to resume from it anyway, or use a new checkpoint directory."
-        )
-    if len(committed_ends) > 1:
-        _warn(f"Multiple checkpoints match *end.ckpt: {[e.url for e in committed_ends]}; trying the newest first.")
-    skipped: list[str] = []
-    for entry in (ends if resume_past_end else []) + lasts:
-        if not entry.committed:
-            skipped.append(f"{entry.url} ({entry.reason})")
-            _warn(f"Skipping checkpoint {entry.url}: not committed ({entry.reason}); trying the next older one.")
-            continue
-        try:
-            _check(t, entry, verify_candidates)
-        except CheckpointCorruptedError as exc:
-            skipped.append(f"{entry.url} (corrupted)")
-            _warn(f"Skipping checkpoint {entry.url}: {exc}; trying the next older one.")
-            continue
-        log.info("resuming from %s", entry.url)
-        return entry.url
-    why = f" (skipped: {'; '.join(skipped)})" if skipped else ""
-    message = f"There were no usable *last.ckpt or *end.ckpt checkpoints under {dirpath}{why}."
-    if resume_ignore_no_checkpoint:
-        _warn(message + " Training from scratch (resume_ignore_no_checkpoint=True).")
-        return None
-    raise CheckpointNotFoundError(
-        message + " Cannot resume; pass resume_ignore_no_checkpoint=True to start from scratch instead."
-    )
-
-
-def _warn(message: str) -> None:
-    log.warning("%s", message)
-    warnings.warn(message, UserWarning, stacklevel=3)
-
-
 def resolve_resume_path(
     dirpath: str,
     *,
@@ -412,7 +290,7 @@ def commit_model_parallel(
         raise ConfigError(f"commit_model_parallel: pass the URL without the rank folder, got {url_without_rank!r}")
     t = ck.resolve_transport(transport)
     keys = [parse_s3_url(model_parallel_rank_url(url_without_rank, r, p, pp))[1] for p in range(pp) for r in range(tp)]
-    infos = _head_many(t, bucket, keys)
+    infos = head_many(t, bucket, keys)
     missing = [k for k, info in zip(keys, infos, strict=True) if info is None]
     if missing:
         ops.check_bucket(t, bucket)

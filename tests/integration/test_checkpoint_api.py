@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import time
 import zipfile
 from pathlib import Path
 
@@ -270,13 +271,21 @@ def test_a_stream_the_crc_filler_cannot_follow_is_saved_again_by_torch(
 ) -> None:
     """Injected fault (no real torch writes a layout the filler refuses): the filler raises ZipLayoutError
     in the middle of a multipart save. The upload is aborted, the save is redone with torch computing the
-    CRC-32s, the object is a valid zip, and later saves skip the filler."""
+    CRC-32s, the object is a valid zip, later saves skip the filler, and the caller's progress counts the
+    object's bytes once, not the aborted attempt's on top."""
     from s3ckpt import serialization
     from s3ckpt.zip_crc import ZipCrcFiller, ZipLayoutError
 
+    progress: list[int] = []
+    before_redo: list[int] = []
+
     class Refusing(ZipCrcFiller):
         def _fill_descriptor(self, desc: bytearray) -> None:
-            if self.records >= 5:
+            if self.records >= 9:  # past data/4: 10 MiB of tensors, so a 5 MiB part is on its way
+                deadline = time.monotonic() + 30  # let a part of this attempt land first, as in a real save
+                while not progress and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                before_redo.append(sum(progress))
                 raise self._fail("injected: a layout this filler does not follow")
             super()._fill_descriptor(desc)
 
@@ -284,10 +293,12 @@ def test_a_stream_the_crc_filler_cannot_follow_is_saved_again_by_torch(
     monkeypatch.setattr(serialization, "_fast_writer_ok", True)
     state = _state()
     url = f"s3://{bucket}/refused.ckpt"
-    s3ckpt.save(state, url, transport=transport)
+    s3ckpt.save(state, url, transport=transport, progress=progress.append)
     assert serialization._fast_writer_ok is False
     data = transport.clients.get().get_object(Bucket=bucket, Key="refused.ckpt")["Body"].read()
     assert len(_zip_records(data)) > 5
+    assert before_redo and before_redo[0] > 0, "the aborted attempt had stored parts (and reported them)"
+    assert sum(progress) == len(data) and min(progress) > 0
     assert ops.list_uploads(transport, bucket) == []
     # Later saves go through torch's own CRC-32 (the refusing filler is never asked again).
     s3ckpt.save(state, f"s3://{bucket}/after.ckpt", transport=transport)

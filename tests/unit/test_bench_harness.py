@@ -153,7 +153,10 @@ def test_derived_ratios() -> None:
     assert ratios[("save CPU-s/GB / s3torchconnector", "s3ckpt")].value == pytest.approx(1.2 / 1.4)
     assert ratios[("save peak RSS / s3torchconnector", "s3ckpt")].value == pytest.approx(0.75)
     assert ratios[("load CPU-s/GB (absolute)", "s3ckpt")].value == pytest.approx(1.25)
-    assert ratios[("save CPU-s/GB / torch.save tmpfs", "s3ckpt")].value == pytest.approx(2.0)
+    tmpfs = ratios[("save CPU-s/GB / torch.save tmpfs", "s3ckpt")]
+    assert tmpfs.value == pytest.approx(2.0) and tmpfs.ok is None  # reported, not a target
+    floor = ratios[("save wall / best peer (median)", "raw")]  # the server's floor, beside the target
+    assert floor.value == pytest.approx(5.0 / 6.0) and floor.ok is None and "floor" in floor.detail
     stall = ratios[("async stall / snapshot", "s3ckpt-async p=2")]
     assert stall.value == pytest.approx(0.12 / 0.11) and stall.ok
     assert ratios[("async stall / sync save", "s3ckpt-async p=2")].value == pytest.approx(0.024)

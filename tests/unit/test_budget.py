@@ -66,11 +66,25 @@ def test_prefixes_and_readers_change_the_budget() -> None:
 
 @pytest.mark.parametrize(
     ("args", "kwargs"),
-    [((0, 15), {}), ((10, -1), {}), ((10, 15, 0), {}), ((True, 15), {}), ((10, 15), {"headroom": 0.5})],
+    [
+        ((0, 15), {}),
+        ((10, -1), {}),
+        ((10, 15, 0), {}),
+        ((True, 15), {}),
+        ((10, 15), {"headroom": 0.5}),
+        ((10, 15), {"headroom": float("nan")}),
+        ((10, 15), {"connection_MBps": 0}),
+        ((10, 15), {"connection_MBps": True}),
+        ((10, 15), {"part_size_MB": float("nan")}),
+        ((10, 15), {"read_size_MB": "16"}),
+    ],
 )
 def test_rejects_bad_arguments(args: tuple[int, ...], kwargs: dict[str, float]) -> None:
-    with pytest.raises(ConfigError):
+    """Each bad argument is named in the error, with the value given."""
+    with pytest.raises(ConfigError, match="must be") as caught:
         check_request_budget(*args, **kwargs)  # type: ignore[arg-type]
+    name = next(iter(kwargs), None)
+    assert name is None or name in str(caught.value)
 
 
 def test_spread_key_is_stable_and_spread() -> None:

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any, Literal
 
@@ -25,20 +25,18 @@ from .. import checkpoint as ck
 from ..async_saver import AsyncSaver
 from ..budget import check_request_budget
 from ..config import ClientConfig, RetryConfig, TransferConfig, given_knobs
-from ..errors import ConfigError, S3CheckpointError
+from ..errors import S3CheckpointError
 from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..serialization import clone_to_host
 from ..snapshot import SnapshotPool
 from ..transport.context import S3Transport
 from ..transport.upload import writers_paused
+from .nemo_config import checkpoint_io_args
 from .records import CopyRecord, RemovalRecord, SaveRecord
 
 __all__ = ["CopyRecord", "RemovalRecord", "S3CheckpointIO", "SaveRecord"]
 
 log = logging.getLogger(__name__)
-
-# NeMo's `s3_checkpointing` section, key for key.
-_CONFIG_KEYS = ("chunk_size_MB", "max_read_concurrency", "max_write_concurrency", "enable_async_checkpointing")
 
 
 def to_url(path: str | os.PathLike[str]) -> str:
@@ -153,14 +151,7 @@ class S3CheckpointIO(CheckpointIO):
         Raises:
             ConfigError: an unknown key, naming it and the known ones.
         """
-        raw = _to_dict(cfg)
-        unknown = sorted(set(raw) - set(_CONFIG_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown s3_checkpointing key(s) {unknown}; known keys: {list(_CONFIG_KEYS)}")
-        args = {k: raw[k] for k in _CONFIG_KEYS[:3] if k in raw}
-        if "enable_async_checkpointing" in raw:
-            args["async_checkpointing"] = bool(raw["enable_async_checkpointing"])
-        return cls(dirpath, **args, **kwargs)
+        return cls(dirpath, **checkpoint_io_args(cfg), **kwargs)
 
     # -- CheckpointIO ----------------------------------------------------------------------------------
 
@@ -392,18 +383,3 @@ class S3CheckpointIO(CheckpointIO):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._records_lock = threading.Lock()
-
-
-def _to_dict(cfg: Any) -> dict[str, Any]:
-    if cfg is None:
-        return {}
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    try:
-        from omegaconf import OmegaConf
-    except ImportError as exc:
-        raise ConfigError(f"s3_checkpointing config must be a mapping, got {type(cfg).__name__}") from exc
-    container = OmegaConf.to_container(cfg, resolve=True)
-    if not isinstance(container, dict):
-        raise ConfigError(f"s3_checkpointing config must be a mapping, got {type(container).__name__}")
-    return {str(k): v for k, v in container.items()}

@@ -5,17 +5,13 @@ boto3 clients and environment that point at it. Servers still running at interpr
 from __future__ import annotations
 
 import atexit
-import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import random
-import re
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -39,6 +35,9 @@ from .process import (
     _sweep_orphaned_dirs,
     _weed_env,
     find_weed,
+    log_tail,
+    stop_group,
+    write_identities,
 )
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,6 @@ _REGION = "us-east-1"
 _START_ATTEMPTS = 3  # another process can take a port between our probe and weed's bind
 _STOP_GRACE_S = 3.0
 _PORT_CLASH = ("not available", "address already in use")
-_ERROR_LINE = re.compile(r"[EF]\d{4} |flag provided but not defined|invalid value")
 
 
 class LocalS3Server:
@@ -166,9 +164,7 @@ class LocalS3Server:
         with self._lock:
             proc, self._proc = self._proc, None
             if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                stop_group(proc, None)
                 log.info("weed pid %d killed (SIGKILL)", proc.pid)
 
     def restart(
@@ -209,7 +205,7 @@ class LocalS3Server:
             if identities is not None:
                 self._identities = (self._identities[0], *identities)
             # A SIGKILLed weed leaves its unix sockets behind; the new one must be able to create them.
-            _remove_stale_sockets([p + off for p in ports.values() for off in (0, _GRPC_OFFSET)])
+            _remove_stale_sockets(ports.values())
             (self.data_dir / "weed" / "mini.options").unlink(missing_ok=True)
             self._write_identities()
             try:
@@ -232,35 +228,15 @@ class LocalS3Server:
 
     def _kill(self, grace_s: float) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:  # once reaped, its pid (= group id) may be reused
+        if proc is not None and proc.poll() is None:
             t0 = time.monotonic()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc, grace_s)
             log.info("weed pid %d stopped in %.2fs", proc.pid, time.monotonic() - t0)
-        _remove_stale_sockets([p + off for p in self._ports.values() for off in (0, _GRPC_OFFSET)])
+        _remove_stale_sockets(self._ports.values())
         self._ports = {}
 
     def _write_identities(self) -> None:
-        identities = [
-            {
-                "name": i.name,
-                "actions": list(i.actions),
-                "credentials": [{"accessKey": i.access_key, "secretKey": i.secret_key}],
-            }
-            for i in self._identities
-        ]
-        # A file, not argv, so the secrets stay out of `ps`; 0600 because it holds them.
-        path = self.data_dir / "s3.json"
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"identities": identities}, f)
+        write_identities(self.data_dir / "s3.json", self._identities)
 
     def _launch(self, weed: str, ports: dict[str, int], deadline: float) -> bool:
         """Run weed and wait for S3; False if it exited because a port was taken."""
@@ -302,16 +278,7 @@ class LocalS3Server:
             time.sleep(0.05)
 
     def _log_tail(self, since: int = 0, lines: int = 30) -> str:
-        # Lead with the last error lines: a flag error comes first and scrolls out behind weed's usage text.
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(since, f.seek(0, os.SEEK_END) - (1 << 20)))
-                text = f.read().decode(errors="replace").splitlines()
-        except OSError as e:
-            return f"(no log: {e})"
-        errors = [ln for ln in text if _ERROR_LINE.match(ln)][-3:]
-        tail = text[-lines:]
-        return "\n".join([*(e for e in errors if e not in tail), f"... {self.log_path}:", *tail])
+        return log_tail(self.log_path, since, lines)
 
     def __enter__(self) -> LocalS3Server:
         return self if self.running else self.start()
