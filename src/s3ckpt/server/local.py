@@ -129,7 +129,7 @@ class LocalS3Server:
             (self._dir / "weed").mkdir(parents=True, exist_ok=True)
             # mini re-applies flags saved by the previous run over unset ones; ours are authoritative.
             (self._dir / "weed" / "mini.options").unlink(missing_ok=True)
-            self._write_identities()
+            write_identities(self.data_dir / "s3.json", self._identities)
             rng = random.Random(secrets.randbits(64))
             try:
                 for attempt in range(1, _START_ATTEMPTS + 1):
@@ -207,7 +207,7 @@ class LocalS3Server:
             # A SIGKILLed weed leaves its unix sockets behind; the new one must be able to create them.
             _remove_stale_sockets(ports.values())
             (self.data_dir / "weed" / "mini.options").unlink(missing_ok=True)
-            self._write_identities()
+            write_identities(self.data_dir / "s3.json", self._identities)
             try:
                 if not self._launch(find_weed(), ports, time.monotonic() + self._timeout_s):
                     raise ServerError(f"weed could not bind its old ports again:\n{self._log_tail()}")
@@ -234,9 +234,6 @@ class LocalS3Server:
             log.info("weed pid %d stopped in %.2fs", proc.pid, time.monotonic() - t0)
         _remove_stale_sockets(self._ports.values())
         self._ports = {}
-
-    def _write_identities(self) -> None:
-        write_identities(self.data_dir / "s3.json", self._identities)
 
     def _launch(self, weed: str, ports: dict[str, int], deadline: float) -> bool:
         """Run weed and wait for S3; False if it exited because a port was taken."""
@@ -369,10 +366,9 @@ class LocalS3Server:
         """
         access_key = access_key or self.access_key
         if secret_key is None:
-            match = [i.secret_key for i in self._identities if i.access_key == access_key]
-            if not match:
-                raise ValueError(f"no identity with access key {access_key!r}")
-            secret_key = match[0]
+            secret_key = next((i.secret_key for i in self._identities if i.access_key == access_key), None)
+        if secret_key is None:
+            raise ValueError(f"no identity with access key {access_key!r}")
         base = Config(s3={"addressing_style": "path"})
         # A session of its own: boto3's default session is not thread-safe.
         return boto3.session.Session().client(
