@@ -129,14 +129,22 @@ def list_checkpoints(
     mp_groups: dict[str, list[ListedObject]] = defaultdict(list)
 
     for key, obj in objects.items():
-        if is_manifest_key(key) or key.endswith(GROUP_MARKER_SUFFIX):
-            continue
         base = key.rsplit("/", 1)[-1]
         if base.endswith(".distcp") or base == DCP_METADATA or base == DCP_METADATA + ".tmp":
             directory = key[: len(key) - len(base)]
             if base.endswith(".distcp"):
                 directory = _DCP_SHARD_DIR_RE.sub(r"\1", directory)
             sharded_dirs[directory].append(obj)
+    in_shards = {o.key for members in sharded_dirs.values() for o in members}
+    for key, obj in objects.items():
+        if is_manifest_key(key) or key.endswith(GROUP_MARKER_SUFFIX):
+            continue
+        home = _sharded_dir_of(key, sharded_dirs)
+        if home is not None:
+            # Everything else inside a sharded checkpoint (Lightning's meta.pt, the DCP manifest) is a piece
+            # of it, never a checkpoint of its own.
+            if key not in in_shards:
+                sharded_dirs[home].append(obj)
             continue
         if not _is_checkpoint_key(key):
             continue
@@ -190,6 +198,16 @@ def list_checkpoints(
         entries = [e for e in entries if e.committed]
     entries.sort(key=_order_key, reverse=True)
     return entries
+
+
+def _sharded_dir_of(key: str, sharded_dirs: dict[str, list[ListedObject]]) -> str | None:
+    """The sharded checkpoint directory ``key`` lies in (at any depth), if any."""
+    parts = key.split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        directory = "/".join(parts[:i]) + "/"
+        if directory in sharded_dirs:
+            return directory
+    return None
 
 
 def _group_entry(

@@ -24,6 +24,7 @@ from .errors import (
     UnverifiableCheckpointError,
 )
 from .layout import Expected, expected_checksum, manifest_key, summarize_meta, write_manifest
+from .removal import delete_sharded
 from .s3_dirpath_utils import parse_s3_url
 from .serialization import LoadBuffer, ZipLayoutError, disable_crc_filling, load_from_buffer, save_to_stream
 from .transport import ops
@@ -32,7 +33,7 @@ from .transport.context import S3Transport
 from .transport.download import download_into
 from .transport.upload import MultipartWriter
 
-__all__ = ["SaveStats", "VerifyResult", "delete", "load", "resolve_transport", "save", "verify"]
+__all__ = ["SaveStats", "VerifyResult", "delete", "delete_file", "load", "resolve_transport", "save", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +310,20 @@ def verify(
 
 
 def delete(url: str, *, transport: S3Transport | None = None) -> None:
-    """Delete a checkpoint object and its manifest. Deleting a missing checkpoint is not an error."""
+    """Delete the checkpoint at ``url``: the object and its manifest, and a sharded checkpoint of that name
+    (``url/.metadata`` first, then every object under ``url/``; see :mod:`s3ckpt.removal`). Deleting a
+    missing checkpoint is not an error."""
     bucket, key = parse_s3_url(url, require_key=True)
     t = resolve_transport(transport)
+    delete_file(url, transport=t)
+    delete_sharded(t, bucket, key.rstrip("/") + "/")
+
+
+def delete_file(url: str, *, transport: S3Transport | None = None) -> None:
+    """Delete the checkpoint object at ``url`` and its manifest only (not a sharded checkpoint of that name)."""
+    bucket, key = parse_s3_url(url, require_key=True)
+    t = resolve_transport(transport)
+    key = key.rstrip("/")
     # Data first: a crash in between leaves an orphan manifest (harmless, `s3ckpt gc` removes it), never a
     # data object whose digest is gone.
     ops.delete_object(t, bucket, key)

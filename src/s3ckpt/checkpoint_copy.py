@@ -50,8 +50,11 @@ class CopyStats:
 def copy(src_url: str, dst_url: str, *, transport: S3Transport | None = None, verify: bool = True) -> CopyStats:
     """Copy the checkpoint at ``src_url`` to ``dst_url`` on the store (no download, no upload).
 
+    A committed sharded checkpoint (``src_url/.metadata``) is copied object by object and committed last
+    (:func:`s3ckpt.dcp.copy.copy_sharded`); its ``CopyStats.parts`` is then the number of objects.
+
     Args:
-        src_url: ``s3://bucket/key`` of a committed checkpoint object.
+        src_url: ``s3://bucket/key`` of a committed checkpoint object or sharded checkpoint.
         dst_url: ``s3://bucket/key`` of the copy; replaced if it exists.
         transport: client and retry settings; default: built from the environment.
         verify: require a recorded CRC32C for the source (stored with it or in a matching manifest), so
@@ -73,6 +76,13 @@ def copy(src_url: str, dst_url: str, *, transport: S3Transport | None = None, ve
     try:
         info = ops.head(t, src_bucket, src_key)
     except S3NotFoundError as exc:
+        if ops.exists(t, src_bucket, src_key.rstrip("/") + "/.metadata"):
+            # A sharded checkpoint: every object copied on the store, committed last. Imported here: DCP
+            # (torch.distributed.checkpoint) is not needed to copy single files.
+            from .dcp.copy import copy_sharded
+
+            done = copy_sharded(t, src_url, dst_url)
+            return CopyStats(done.src, done.dst, done.bytes, done.seconds, 0, "", done.objects)
         raise CheckpointNotFoundError(f"cannot copy {src_url}: it does not exist") from exc
     # Read once: it may hold the CRC32C, and it holds the step and epoch `ls` shows for the copy.
     found = read_manifest(t, src_bucket, src_key)

@@ -34,6 +34,7 @@ from .layout import (
     PrefixStrategy,
 )
 from .reader import S3StorageReader
+from .shared import PreloadedCheckpoint, fetch_committed, fetch_shared
 from .writer import S3StorageWriter
 
 __all__ = [
@@ -42,8 +43,11 @@ __all__ = [
     "FlatPrefixStrategy",
     "NumericPrefixStrategy",
     "PrefixStrategy",
+    "PreloadedCheckpoint",
     "S3StorageReader",
     "S3StorageWriter",
+    "fetch_committed",
+    "fetch_shared",
     "load",
     "save",
     "unwrap",

@@ -8,7 +8,8 @@ Protocol (the coordinator runs all of it; ranks only upload their own files):
    earlier save left, and abort its incomplete multipart uploads.
 2. Each rank streams its files and reports size, CRC32C and ETag of each in its ``WriteResult``s.
 3. ``finish``: HEAD every file and compare size, ETag and (where the store keeps one) the full-object
-   CRC32C with what its rank reported. Any difference aborts the commit.
+   CRC32C with what its rank reported. Any difference aborts the commit. Then the coordinator uploads the
+   extra files (Lightning's ``meta.pt``), which the manifest records like the shards.
 4. PUT the manifest, then PUT ``.metadata`` (conditional on absence unless overwriting, so two jobs racing
    for one prefix cannot both commit). ``.metadata`` present means every file it names was confirmed.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import crc32c as _crc32c
@@ -30,7 +31,7 @@ from ..transport import ops
 from ..transport.context import S3Transport
 from .layout import MANIFEST_NAME, METADATA_NAME, FileRecord, ItemWrite, Manifest, is_data_file, strip_etag
 
-__all__ = ["clear_previous", "commit"]
+__all__ = ["clear_previous", "commit", "put_record"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 _HEAD_CONCURRENCY = 16
 
 
-def clear_previous(t: S3Transport, bucket: str, prefix: str, *, overwrite: bool) -> None:
+def clear_previous(
+    t: S3Transport, bucket: str, prefix: str, *, overwrite: bool, extra_names: Sequence[str] = ()
+) -> None:
     """Make ``prefix`` ready for a new save (step 1 of the protocol).
 
     Raises:
@@ -58,10 +61,11 @@ def clear_previous(t: S3Transport, bucket: str, prefix: str, *, overwrite: bool)
         # checkpoint whose files are half old and half new.
         ops.delete_object(t, bucket, prefix + METADATA_NAME)
         log.info("overwriting %s: old .metadata deleted", url)
+    extras = set(extra_names)
     stale = [
         o.key
         for o in ops.list_objects(t, bucket, prefix)
-        if o.key == prefix + MANIFEST_NAME or is_data_file(o.key[len(prefix) :])
+        if o.key == prefix + MANIFEST_NAME or is_data_file(o.key[len(prefix) :]) or o.key[len(prefix) :] in extras
     ]
     if stale:
         ops.delete_objects(t, bucket, stale)
@@ -107,7 +111,7 @@ def _check_file(t: S3Transport, bucket: str, prefix: str, rel: str, rec: FileRec
     return None
 
 
-def _put(t: S3Transport, bucket: str, key: str, data: bytes, *, exclusive: bool, url: str) -> None:
+def put_record(t: S3Transport, bucket: str, key: str, data: bytes, *, exclusive: bool, url: str) -> None:
     try:
         ops.put_bytes(t, bucket, key, data, if_none_match=exclusive)
     except ConflictError as exc:
@@ -128,8 +132,10 @@ def commit(
     results: Sequence[Sequence[WriteResult]],
     *,
     overwrite: bool,
+    extras: Mapping[str, bytes] | None = None,
 ) -> Manifest:
-    """Steps 3 and 4: confirm every reported file, then write the manifest and ``.metadata``.
+    """Steps 3 and 4: confirm every reported file, upload ``extras`` (name -> bytes, e.g. Lightning's
+    ``meta.pt``), then write the manifest (which records the extras too) and ``.metadata``.
 
     Raises:
         CheckpointCorruptedError: a file is missing or differs from its rank's report (nothing committed).
@@ -145,6 +151,10 @@ def commit(
             f"{url} not committed: {len(problems)} of {len(files)} data file(s) do not match what their ranks "
             f"wrote: {'; '.join(problems[:5])}"
         )
+    extra_records = {
+        name: FileRecord(len(data), _crc32c.crc32c(data), strip_etag(ops.put_bytes(t, bucket, prefix + name, data)))
+        for name, data in (extras or {}).items()
+    }
     metadata.storage_data = storage
     metadata.version = getattr(_fs, "CURRENT_DCP_VERSION", "1.0.0")
     blob = pickle.dumps(metadata)
@@ -156,10 +166,11 @@ def commit(
         items=items,
         save_id=save_id or "",
         world_size=len(results),
+        extras=extra_records,
     )
     # Manifest before .metadata: whoever sees .metadata can rely on the manifest being there. Both are
     # conditional unless overwriting, so of two jobs racing for one prefix at most one commits.
-    _put(t, bucket, prefix + MANIFEST_NAME, manifest.to_json(), exclusive=not overwrite, url=url)
-    _put(t, bucket, prefix + METADATA_NAME, blob, exclusive=not overwrite, url=url)
+    put_record(t, bucket, prefix + MANIFEST_NAME, manifest.to_json(), exclusive=not overwrite, url=url)
+    put_record(t, bucket, prefix + METADATA_NAME, blob, exclusive=not overwrite, url=url)
     log.info("committed %s: %d file(s), %d bytes", url, len(files), sum(f.size for f in files.values()))
     return manifest

@@ -7,6 +7,8 @@ A checkpoint at ``s3://bucket/run/step-100`` is the prefix ``run/step-100/`` hol
   lays them out: a ``torch.save`` of each tensor, the raw bytes of each non-tensor item.
 * ``.metadata.s3ckpt.json`` (the *manifest*): size and CRC32C of ``.metadata``; size, CRC32C and ETag of
   every data file; offset, length and CRC32C of every item.
+* extra files the coordinator uploads beside the shards (Lightning's ``meta.pt``: the trainer state), each
+  recorded in the manifest's ``extras`` with its size, CRC32C and ETag, so they are covered by the commit.
 * ``.metadata``: the pickled DCP ``Metadata`` whose ``storage_data`` maps each item to torch's own
   ``_StorageInfo(relative_path, offset, length)``, so a copy of the prefix on local disk also loads with
   torch's ``FileSystemReader``. It is written last, and its presence is the commit: a prefix without it is
@@ -45,6 +47,7 @@ __all__ = [
     "NumericPrefixStrategy",
     "PrefixStrategy",
     "RankFiles",
+    "check_extra_name",
     "is_data_file",
     "loads_metadata",
     "split_url",
@@ -63,6 +66,21 @@ _DATA_FILE_RE = re.compile(r"^(?:__shard\d+/)?__\d+_\d+\.distcp$")
 def is_data_file(relative_key: str) -> bool:
     """True if ``relative_key`` (relative to the checkpoint prefix) names a rank data file we write."""
     return bool(_DATA_FILE_RE.match(relative_key))
+
+
+def check_extra_name(name: str) -> str:
+    """``name`` if it may be an extra file of a sharded checkpoint (``meta.pt``): one plain file name that
+    cannot be taken for a shard, ``.metadata`` or the manifest.
+
+    Raises:
+        ValueError: anything else, naming it.
+    """
+    if not name or "/" in name or name.startswith(".") or is_data_file(name):
+        raise ValueError(
+            f"extra file name {name!r}: must be a plain file name (no '/', not starting with '.', not a "
+            "__<rank>_<n>.distcp shard name), e.g. 'meta.pt'"
+        )
+    return name
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -168,6 +186,8 @@ class Manifest:
     items: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
     save_id: str = ""
     world_size: int = 0
+    extras: dict[str, FileRecord] = field(default_factory=dict)
+    """Files beside the shards that the commit covers (``meta.pt``), by name relative to the prefix."""
 
     def to_json(self) -> bytes:
         doc = {
@@ -181,6 +201,8 @@ class Manifest:
                 for path, entries in sorted(self.items.items())
             },
         }
+        if self.extras:
+            doc["extras"] = {k: dataclasses.asdict(v) for k, v in sorted(self.extras.items())}
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -203,6 +225,10 @@ class Manifest:
                 },
                 save_id=str(doc.get("save_id", "")),
                 world_size=int(doc.get("world_size", 0)),
+                extras={
+                    str(k): FileRecord(int(v["size"]), int(v["crc32c"]), str(v["etag"]))
+                    for k, v in doc.get("extras", {}).items()
+                },
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointCorruptedError(f"{where} is not a valid s3ckpt DCP manifest: {exc}") from exc

@@ -24,7 +24,6 @@ from ..checkpoint import resolve_transport
 from ..config import MiB
 from ..errors import (
     CheckpointCorruptedError,
-    CheckpointNotFoundError,
     ConfigError,
     S3CheckpointError,
     S3NotFoundError,
@@ -33,7 +32,8 @@ from ..transport import ops
 from ..transport.context import S3Transport
 from ..transport.download import ObjectChangedError, fetch_range, plan_ranges
 from ..transport.ops import ObjectInfo
-from .layout import MANIFEST_NAME, METADATA_NAME, FileRecord, Manifest, S3CheckpointId, loads_metadata, split_url
+from .layout import METADATA_NAME, FileRecord, Manifest, S3CheckpointId, loads_metadata, split_url
+from .shared import PreloadedCheckpoint, fetch_committed
 from .spans import Span, plan_spans
 
 __all__ = ["S3StorageReader"]
@@ -71,6 +71,9 @@ class S3StorageReader(S3CheckpointId, StorageReader):
             written by other DCP writers (``FsspecWriter``), which have no manifest, without checks.
         trusted_metadata: unpickle ``.metadata`` without the allow-list (only for custom planners whose
             metadata holds other types; a pickle can run code).
+        preloaded: ``.metadata`` and its manifest already fetched and verified for this URL
+            (:func:`s3ckpt.dcp.fetch_shared`: once, by rank 0, broadcast), so this reader sends no request
+            for them, however many ``dcp.load`` calls and ranks use it.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class S3StorageReader(S3CheckpointId, StorageReader):
         max_span_MB: int = 64,
         verify: bool = True,
         trusted_metadata: bool = False,
+        preloaded: PreloadedCheckpoint | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= coalesce_gap_MB <= 1024:
@@ -94,6 +98,7 @@ class S3StorageReader(S3CheckpointId, StorageReader):
         self.max_span = max_span_MB * MiB
         self.verify = verify
         self.trusted_metadata = trusted_metadata
+        self.preloaded = preloaded
         self.url: str | None = None
         self.bucket = ""
         self.prefix = ""
@@ -145,27 +150,12 @@ class S3StorageReader(S3CheckpointId, StorageReader):
     def _read_metadata(self) -> Metadata:
         if self.url is None:
             raise ConfigError("S3StorageReader has no URL: pass url=... or checkpoint_id=... to dcp.load")
-        t, where = self.transport, self.url + METADATA_NAME
-        try:
-            blob = ops.get_bytes(t, self.bucket, self.prefix + METADATA_NAME)
-        except S3NotFoundError as exc:
-            ops.check_bucket(t, self.bucket)
-            raise CheckpointNotFoundError(
-                f"no committed checkpoint at {self.url}: {METADATA_NAME} does not exist (nothing was saved "
-                "there, or the save did not finish; an unfinished save is never loaded)"
-            ) from exc
+        pre = self.preloaded
+        if pre is None or pre.url != self.url or (self.verify and pre.manifest is None):
+            pre = fetch_committed(self.transport, self.url, verify=self.verify)
         self._objects = {}
-        self.manifest = None
-        if self.verify:
-            self.manifest = self._read_manifest()
-            crc = _crc32c.crc32c(blob)
-            if (len(blob), crc) != (self.manifest.metadata_size, self.manifest.metadata_crc32c):
-                raise CheckpointCorruptedError(
-                    f"{where} does not match its manifest: {len(blob)} bytes with CRC32C {crc:08x}, the manifest "
-                    f"recorded {self.manifest.metadata_size} bytes with {self.manifest.metadata_crc32c:08x} "
-                    "(corrupted, or overwritten while being read: load again)"
-                )
-        metadata = loads_metadata(blob, trusted=self.trusted_metadata, where=where)
+        self.manifest = pre.manifest if self.verify else None
+        metadata = loads_metadata(pre.metadata, trusted=self.trusted_metadata, where=self.url + METADATA_NAME)
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -230,18 +220,6 @@ class S3StorageReader(S3CheckpointId, StorageReader):
         return done
 
     # -- internals ------------------------------------------------------------------------------------------
-
-    def _read_manifest(self) -> Manifest:
-        where = self.url + MANIFEST_NAME if self.url else MANIFEST_NAME
-        try:
-            data = ops.get_bytes(self.transport, self.bucket, self.prefix + MANIFEST_NAME)
-        except S3NotFoundError as exc:
-            raise CheckpointCorruptedError(
-                f"{where} is missing, so {self.url} cannot be verified (not written by s3ckpt, damaged, or being "
-                "overwritten right now); "
-                "pass verify=False to load a checkpoint written by another DCP writer"
-            ) from exc
-        return Manifest.from_json(data, where=where)
 
     def _object(self, path: str) -> ObjectInfo:
         with self._lock:

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,7 +24,15 @@ from ..transport.client import ClientFactory
 from ..transport.context import S3Transport
 from ..transport.upload import MultipartWriter
 from .commit import clear_previous, commit
-from .layout import FlatPrefixStrategy, ItemWrite, PrefixStrategy, RankFiles, S3CheckpointId, split_url
+from .layout import (
+    FlatPrefixStrategy,
+    ItemWrite,
+    PrefixStrategy,
+    RankFiles,
+    S3CheckpointId,
+    check_extra_name,
+    split_url,
+)
 
 __all__ = ["S3StorageWriter"]
 
@@ -106,6 +115,10 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
             Default: all under the checkpoint prefix.
         files_per_rank: files each rank writes in parallel, each its own upload, so memory and parts in
             flight are multiplied by it.
+        extra_files: small files (name -> bytes) the coordinator uploads beside the shards inside the same
+            commit, e.g. Lightning's ``{"meta.pt": ...}`` (the trainer state): recorded in the manifest and
+            written before ``.metadata``, so a committed checkpoint always has them. Only the coordinator's
+            value is used.
         overwrite: replace a committed checkpoint at ``url``. Off by default: saving onto a committed
             checkpoint raises :class:`ConflictError` before any byte is written. When on, the old
             ``.metadata`` is deleted before any rank writes, so an interrupted overwrite leaves an
@@ -121,9 +134,11 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         max_write_concurrency: int | None = None,
         prefix_strategy: PrefixStrategy | None = None,
         files_per_rank: int = 1,
+        extra_files: Mapping[str, bytes] | None = None,
         overwrite: bool = False,
     ) -> None:
         super().__init__()
+        self.extra_files = {check_extra_name(k): bytes(v) for k, v in (extra_files or {}).items()}
         if isinstance(files_per_rank, bool) or not isinstance(files_per_rank, int) or not 1 <= files_per_rank <= 64:
             raise ConfigError(f"S3StorageWriter.files_per_rank={files_per_rank!r}: must be a whole number, 1 to 64")
         self.transport = resolve_transport(
@@ -191,7 +206,9 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         Runs on the coordinator before any rank writes, which is what makes deleting the old ``.metadata``
         here safe.
         """
-        clear_previous(self.transport, self.bucket, self.prefix, overwrite=self.overwrite)
+        clear_previous(
+            self.transport, self.bucket, self.prefix, overwrite=self.overwrite, extra_names=list(self.extra_files)
+        )
         return [
             dataclasses.replace(plan, storage_data=RankFiles(rank, self.prefix_strategy.rank_dir(rank)))
             for rank, plan in enumerate(plans)
@@ -216,7 +233,15 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit (coordinator only): HEAD-check every file, then write the manifest and ``.metadata``."""
         metadata.storage_meta = self.storage_meta()
-        commit(self.transport, self.bucket, self.prefix, metadata, results, overwrite=self.overwrite)
+        commit(
+            self.transport,
+            self.bucket,
+            self.prefix,
+            metadata,
+            results,
+            overwrite=self.overwrite,
+            extras=self.extra_files,
+        )
 
     def storage_meta(self) -> StorageMeta | None:
         """The checkpoint URL and this save's id, recorded in ``.metadata``."""

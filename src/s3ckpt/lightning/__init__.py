@@ -17,13 +17,16 @@ from .connector import S3CheckpointConnector, configure_s3_resume
 from .fs import S3FileSystem
 from .model_checkpoint import S3ModelCheckpoint, find_s3_checkpoint_io
 from .records import SaveRecord
+from .strategies import S3FSDPStrategy, S3ModelParallelStrategy
 
 __all__ = [
     "S3CheckpointConnector",
     "S3CheckpointIO",
     "S3CheckpointMetrics",
+    "S3FSDPStrategy",
     "S3FileSystem",
     "S3ModelCheckpoint",
+    "S3ModelParallelStrategy",
     "SaveRecord",
     "configure_s3_resume",
     "find_s3_checkpoint_io",

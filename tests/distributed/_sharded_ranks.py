@@ -1,0 +1,178 @@
+"""Rank process of the sharded Lightning Trainer tests (tests/distributed/test_sharded_trainer.py).
+
+Run as ``python -m tests.distributed._sharded_ranks CFG_JSON RANK``: one launch runs every phase the config
+names, each a new Trainer in the same processes (imports cost most of the time on a 2-core machine):
+
+* ``mp``: ``S3ModelParallelStrategy`` (FSDP2 ``fully_shard``, 2 data-parallel ranks): train with top-k and
+  ``save_last``, then a new Trainer resumes with ``ckpt_path="last"``;
+* ``fsdp``: ``S3FSDPStrategy(state_dict_type="sharded")`` (FSDP1 on CPU), train, resume from a URL;
+* ``full``: ``S3FSDPStrategy(state_dict_type="full")``: one file saved by rank 0, loaded by every rank.
+
+Each phase records weights (full state), optimizer state digests, step and the S3 requests each rank sent
+while loading; the test compares them across ranks and phases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+RESULT_TAG = "SHARDED-RESULT "
+
+
+def _digest(obj: Any) -> str:
+    """A digest of every tensor in ``obj`` (full tensors of DTensors / ShardedTensors are gathered first)."""
+    h = hashlib.sha256()
+
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, torch.Tensor):
+            full = x.full_tensor() if hasattr(x, "full_tensor") else x
+            h.update(path.encode())
+            h.update(full.detach().contiguous().cpu().numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                walk(x[k], f"{path}.{k}")
+        elif isinstance(x, list | tuple):
+            for i, v in enumerate(x):
+                walk(v, f"{path}.{i}")
+        else:
+            h.update(f"{path}={x!r}".encode())
+
+    walk(obj, "")
+    return h.hexdigest()[:16]
+
+
+def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in the rank processes
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from lightning.pytorch import Callback, Trainer
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from s3ckpt.config import ClientConfig
+    from s3ckpt.lightning import S3FSDPStrategy, S3ModelCheckpoint, S3ModelParallelStrategy
+    from tests.distributed.test_resume_broadcast import WireCounter
+
+    torch.set_num_threads(1)
+    client = ClientConfig(endpoint_url=cfg["endpoint"], access_key_id=cfg["ak"], secret_access_key=cfg["sk"])
+    out: dict[str, Any] = {}
+
+    class Model(pl.LightningModule):
+        def __init__(self, wrap: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+            self.wrap = wrap
+
+        def configure_model(self) -> None:
+            if self.wrap:  # FSDP2 through ModelParallelStrategy
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = self.device_mesh["data_parallel"]
+                for layer in self.net:
+                    if isinstance(layer, nn.Linear):
+                        fully_shard(layer, mesh=mesh)
+                fully_shard(self, mesh=mesh)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.mse_loss(self.net(x), y)
+            self.log("score", float(self.global_step))
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+        def train_dataloader(self) -> DataLoader[Any]:
+            g = torch.Generator().manual_seed(1)
+            data = TensorDataset(torch.randn(64, 16, generator=g), torch.randn(64, 4, generator=g))
+            return DataLoader(data, batch_size=4)
+
+    class Record(Callback):
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def on_train_start(self, trainer: Trainer, pl_module: pl.LightningModule) -> None:
+            out[self.key] = state_of(trainer)
+
+    def state_of(trainer: Trainer) -> dict[str, Any]:
+        model = trainer.strategy.model
+        full = StateDictOptions(full_state_dict=True)  # on every rank (cpu_offload: rank 0 only)
+        opt = trainer.optimizers[0]
+        return {
+            "step": trainer.global_step,
+            "weights": _digest(get_model_state_dict(model, options=full)),
+            "optim": _digest(get_optimizer_state_dict(model, opt, options=full)),
+        }
+
+    class CPUFSDP(S3FSDPStrategy):
+        """FSDP1 on CPU: Lightning passes ``device_id=None`` there, which torch refuses."""
+
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+            return super()._setup_model(wrapped)
+
+    def strategy(kind: str, **s3: Any) -> Any:
+        common = {"process_group_backend": "gloo", "timeout": timedelta(seconds=60), "client": client, **s3}
+        if kind == "mp":
+            return S3ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, **common)
+        return CPUFSDP(state_dict_type="sharded" if kind == "fsdp" else "full", **common)
+
+    def trainer(kind: str, steps: int, callbacks: list[Any], **s3: Any) -> Trainer:
+        return Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy(kind, **s3),
+            callbacks=callbacks,
+            max_steps=steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=cfg["workdir"],
+        )
+
+    ports = iter(cfg["ports"])
+
+    def next_group() -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ["MASTER_PORT"] = str(next(ports))
+
+    for phase in cfg["phases"]:
+        kind, dirpath = phase["kind"], phase["dirpath"]
+        s3 = {"async_checkpointing": phase.get("async", False)}
+        next_group()
+        ckpt = S3ModelCheckpoint(
+            dirpath, every_n_train_steps=2, save_top_k=2, monitor="score", mode="max", save_last=phase["last"]
+        )
+        first = trainer(kind, phase["steps"], [ckpt], **s3)
+        first.fit(Model(wrap=kind == "mp"))
+        io = first.strategy.s3_checkpoint_io
+        out[f"{kind}:trained"] = state_of(first)
+        out[f"{kind}:best_k"] = sorted(ckpt.best_k_models)
+        out[f"{kind}:removed"] = sorted(r.path for r in io.removals if r.done_at is not None)
+
+        next_group()
+        again = S3ModelCheckpoint(dirpath, every_n_train_steps=100, save_top_k=0, save_last=False)
+        second = trainer(kind, phase["steps"] + 1, [again, Record(f"{kind}:resumed")], **s3)
+        wire = WireCounter(second.strategy.s3_checkpoint_io.transport)
+        second.fit(Model(wrap=kind == "mp"), ckpt_path=phase["resume"])
+        out[f"{kind}:resume_requests"] = wire.take()
+        out[f"{kind}:resumed_path"] = str(second.ckpt_path)
+    out["local_s3_dir"] = os.path.exists("s3:") or os.path.exists(os.path.join(cfg["workdir"], "s3:"))
+    print(RESULT_TAG + json.dumps(out), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(json.loads(sys.argv[1]), int(sys.argv[2]))
