@@ -13,11 +13,9 @@ The collective helpers are no-ops without an initialised ``torch.distributed`` p
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import pickle
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +24,10 @@ from typing import Any, Generic, TypeVar
 import torch.distributed as dist
 
 from . import checkpoint as ck
-from .catalog import GROUP_MARKER_SUFFIX, uninject_model_parallel_rank
+from .catalog import uninject_model_parallel_rank
 from .errors import CheckpointNotFoundError, ConfigError, S3CheckpointError
+from .model_parallel import GROUP_MARKER_FORMAT as GROUP_MARKER_FORMAT  # re-exported: its old home
+from .model_parallel import model_parallel_rank_url, rank_keys, write_group_marker
 from .resume import VerifyPolicy, find_resume_checkpoint, head_many
 from .s3_dirpath_utils import build_s3_url, parse_s3_url
 from .transport import ops
@@ -45,12 +45,12 @@ __all__ = [
     "is_initialized",
     "model_parallel_rank_url",
     "resolve_resume_path",
+    "run_on_rank0",
 ]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-GROUP_MARKER_FORMAT = "s3ckpt-group/1"
 _BROADCAST_NOTE = "raised on the rank that ran the step and broadcast to this one"
 
 
@@ -170,6 +170,20 @@ def _capture(fn: Callable[[], T]) -> _Outcome[T]:
         return _Outcome(error=_portable(exc), origin=traceback.format_exc(), local=exc)
 
 
+def run_on_rank0(fn: Callable[[], T], *, group: Any = None) -> T:
+    """Run ``fn`` on global rank 0 only and return its value on every rank of ``group``, or raise its
+    exception on every rank (so no rank waits in a later collective for a rank 0 that failed).
+
+    Collective: every rank of ``group`` must call it; without a process group it just calls ``fn``.
+    """
+    outcome: _Outcome[T] | None = _capture(fn) if get_rank() == 0 else None
+    shared = broadcast_object(outcome, src=0, group=group)
+    assert shared is not None  # rank 0 always sends an outcome
+    if shared.error is not None:
+        destroy_process_group_at_exit()  # the error may end the process: leave no gloo thread behind
+    return shared.unwrap()
+
+
 # -- resume rules ------------------------------------------------------------------------------------------
 
 
@@ -226,33 +240,18 @@ def resolve_resume_path(
         return None
     if not is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         log.warning("resolve_resume_path before init_process_group: every process lists %s itself", dirpath)
-    outcome: _Outcome[str | None] | None = None
-    if get_rank() == 0:
-        outcome = _capture(
-            lambda: find_resume_checkpoint(
-                dirpath,
-                resume_ignore_no_checkpoint=resume_ignore_no_checkpoint,
-                resume_past_end=resume_past_end,
-                transport=transport,
-                verify_candidates=verify_candidates,
-            )
+    return run_on_rank0(
+        lambda: find_resume_checkpoint(
+            dirpath,
+            resume_ignore_no_checkpoint=resume_ignore_no_checkpoint,
+            resume_past_end=resume_past_end,
+            transport=transport,
+            verify_candidates=verify_candidates,
         )
-    shared = broadcast_object(outcome, src=0)
-    assert shared is not None  # rank 0 always sends an outcome
-    if shared.error is not None:
-        destroy_process_group_at_exit()  # the error may end the process: leave no gloo thread behind
-    return shared.unwrap()
+    )
 
 
 # -- model-parallel commit ---------------------------------------------------------------------------------
-
-
-def model_parallel_rank_url(url: str, tp_rank: int, pp_rank: int = 0, pipeline_parallel_size: int = 1) -> str:
-    """NeMo's ``inject_model_parallel_rank``: ``<dir>/<name>`` -> ``<dir>/mp_rank_XX/<name>`` (or
-    ``tp_rank_XX_pp_rank_XXX`` with pipeline parallelism)."""
-    head, _, name = url.rpartition("/")
-    folder = f"mp_rank_{tp_rank:02d}" if pipeline_parallel_size == 1 else f"tp_rank_{tp_rank:02d}_pp_rank_{pp_rank:03d}"
-    return f"{head}/{folder}/{name}"
 
 
 def commit_model_parallel(
@@ -273,7 +272,8 @@ def commit_model_parallel(
 
     HEADs each rank file (``tp * pp`` requests, in parallel), then writes ``<url>.s3ckpt-group.json``
     recording each file's size and ETag, so a rank file replaced later is detected on resume. Returns the
-    marker's ``s3://`` URL.
+    marker's ``s3://`` URL. :class:`~s3ckpt.lightning.S3CheckpointIO` built with the group's sizes does this
+    by itself, with no collective (see :mod:`s3ckpt.model_parallel`).
 
     Raises:
         ConfigError: ``tp * pp`` is 1 (NeMo then saves one plain file, which needs no marker).
@@ -289,7 +289,7 @@ def commit_model_parallel(
     if uninject_model_parallel_rank(key) != key:
         raise ConfigError(f"commit_model_parallel: pass the URL without the rank folder, got {url_without_rank!r}")
     t = ck.resolve_transport(transport)
-    keys = [parse_s3_url(model_parallel_rank_url(url_without_rank, r, p, pp))[1] for p in range(pp) for r in range(tp)]
+    keys = rank_keys(key, tp, pp)
     infos = head_many(t, bucket, keys)
     missing = [k for k, info in zip(keys, infos, strict=True) if info is None]
     if missing:
@@ -298,11 +298,4 @@ def commit_model_parallel(
             f"cannot commit {url_without_rank}: {len(missing)} of {len(keys)} rank files are missing, e.g. "
             f"{[build_s3_url(bucket, k) for k in missing[:4]]}; a rank's save did not finish"
         )
-    record = {
-        "format": GROUP_MARKER_FORMAT,
-        "created": time.time(),
-        "files": {info.key: {"size": info.size, "etag": info.etag} for info in infos if info is not None},
-    }
-    marker = key + GROUP_MARKER_SUFFIX
-    ops.put_bytes(t, bucket, marker, json.dumps(record, sort_keys=True).encode(), content_type="application/json")
-    return build_s3_url(bucket, marker)
+    return write_group_marker(t, bucket, key, [info for info in infos if info is not None])

@@ -6,7 +6,8 @@ names, each a new Trainer in the same processes (imports cost most of the time o
 * ``mp``: ``S3ModelParallelStrategy`` (FSDP2 ``fully_shard``, 2 data-parallel ranks): train with top-k and
   ``save_last``, then a new Trainer resumes with ``ckpt_path="last"``;
 * ``fsdp``: ``S3FSDPStrategy(state_dict_type="sharded")`` (FSDP1 on CPU), train, resume from a URL;
-* ``full``: ``S3FSDPStrategy(state_dict_type="full")``: one file saved by rank 0, loaded by every rank.
+* ``full``: ``S3ModelParallelStrategy(save_distributed_checkpoint=False)``: one file gathered and saved by
+  rank 0, loaded by every rank (FSDP1's full state crashes on CPU, Lightning #21804).
 
 Each phase records weights (full state), optimizer state digests, step and the S3 requests each rank sent
 while loading; the test compares them across ranks and phases.
@@ -24,6 +25,35 @@ from typing import Any
 import torch
 
 RESULT_TAG = "SHARDED-RESULT "
+
+
+class KeyCounter:
+    """Counts the S3 requests a botocore client sends as ``"<operation> <last part of the key>"`` (so GETs of
+    ``.metadata`` and ``meta.pt`` are told apart from ranged GETs of shards, counted as ``GetObject *.distcp``)."""
+
+    def __init__(self, transport: Any) -> None:
+        import threading
+        from collections import Counter
+
+        self._lock = threading.Lock()
+        self.ops: Counter[str] = Counter()
+        transport.clients.get().meta.events.register("before-send.s3", self)
+
+    def __call__(self, event_name: str, request: Any = None, **kwargs: Any) -> None:
+        from urllib.parse import urlsplit
+
+        op = event_name.rsplit(".", 1)[-1]
+        name = urlsplit(getattr(request, "url", "") or "").path.rsplit("/", 1)[-1]
+        if name.endswith(".distcp"):
+            name = "*.distcp"
+        with self._lock:
+            self.ops[f"{op} {name}" if op in ("GetObject", "HeadObject") else op] += 1
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self.ops)
+            self.ops.clear()
+        return out
 
 
 def _digest(obj: Any) -> str:
@@ -58,7 +88,6 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
 
     from s3ckpt.config import ClientConfig
     from s3ckpt.lightning import S3FSDPStrategy, S3ModelCheckpoint, S3ModelParallelStrategy
-    from tests.distributed.test_resume_broadcast import WireCounter
 
     torch.set_num_threads(1)
     client = ClientConfig(endpoint_url=cfg["endpoint"], access_key_id=cfg["ak"], secret_access_key=cfg["sk"])
@@ -123,9 +152,12 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
 
     def strategy(kind: str, **s3: Any) -> Any:
         common = {"process_group_backend": "gloo", "timeout": timedelta(seconds=60), "client": client, **s3}
-        if kind == "mp":
-            return S3ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, **common)
-        return CPUFSDP(state_dict_type="sharded" if kind == "fsdp" else "full", **common)
+        if kind in ("mp", "full"):
+            # "full": one file gathered on rank 0 (FSDP1's full state crashes on CPU, Lightning #21804).
+            return S3ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=kind == "mp", **common
+            )
+        return CPUFSDP(state_dict_type="sharded", **common)
 
     def trainer(kind: str, steps: int, callbacks: list[Any], **s3: Any) -> Trainer:
         return Trainer(
@@ -149,25 +181,28 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
 
     for phase in cfg["phases"]:
         kind, dirpath = phase["kind"], phase["dirpath"]
+        label = phase.get("label", kind)
         s3 = {"async_checkpointing": phase.get("async", False)}
         next_group()
         ckpt = S3ModelCheckpoint(
             dirpath, every_n_train_steps=2, save_top_k=2, monitor="score", mode="max", save_last=phase["last"]
         )
         first = trainer(kind, phase["steps"], [ckpt], **s3)
-        first.fit(Model(wrap=kind == "mp"))
+        first.fit(Model(wrap=kind != "fsdp"))
         io = first.strategy.s3_checkpoint_io
-        out[f"{kind}:trained"] = state_of(first)
-        out[f"{kind}:best_k"] = sorted(ckpt.best_k_models)
-        out[f"{kind}:removed"] = sorted(r.path for r in io.removals if r.done_at is not None)
+        out[f"{label}:trained"] = state_of(first)
+        out[f"{label}:best_k"] = sorted(ckpt.best_k_models)
+        out[f"{label}:removed"] = sorted(r.path for r in io.removals if r.done_at is not None)
+        out[f"{label}:saved"] = sorted(r.path for r in io.records if not r.failed)
+        out[f"{label}:copies"] = sorted(c.dst for c in io.copies if c.done_at is not None)
 
         next_group()
         again = S3ModelCheckpoint(dirpath, every_n_train_steps=100, save_top_k=0, save_last=False)
-        second = trainer(kind, phase["steps"] + 1, [again, Record(f"{kind}:resumed")], **s3)
-        wire = WireCounter(second.strategy.s3_checkpoint_io.transport)
-        second.fit(Model(wrap=kind == "mp"), ckpt_path=phase["resume"])
-        out[f"{kind}:resume_requests"] = wire.take()
-        out[f"{kind}:resumed_path"] = str(second.ckpt_path)
+        second = trainer(kind, phase["steps"] + 1, [again, Record(f"{label}:resumed")], **s3)
+        wire = KeyCounter(second.strategy.s3_checkpoint_io.transport)
+        second.fit(Model(wrap=kind != "fsdp"), ckpt_path=phase["resume"])
+        out[f"{label}:resume_requests"] = wire.take()
+        out[f"{label}:resumed_path"] = str(second.ckpt_path)
     out["local_s3_dir"] = os.path.exists("s3:") or os.path.exists(os.path.join(cfg["workdir"], "s3:"))
     print(RESULT_TAG + json.dumps(out), flush=True)
     if dist.is_initialized():

@@ -62,24 +62,76 @@ def _transport(s3_server: LocalS3Server) -> S3Transport:
 def test_model_parallel_fsdp2_save_topk_last_resume(
     s3_server: LocalS3Server, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    """FSDP2 through ``S3ModelParallelStrategy``: top-2 of three sharded saves plus ``last.ckpt``, the oldest
+    removed whole, and a new Trainer resumes ``ckpt_path="last"`` with equal weights, optimizer and step;
+    the same with ``async_checkpointing=True`` (removals wait for the newer upload's commit)."""
     bucket = f"shd-{uuid.uuid4().hex[:10]}"
     s3_server.create_bucket(bucket)
-    dirpath = f"s3://{bucket}/mp"
+    sync_dir, async_dir = f"s3://{bucket}/mp", f"s3://{bucket}/mp-async"
     workdir = tmp_path_factory.mktemp("sharded-mp")
-    phases = [{"kind": "mp", "dirpath": dirpath, "steps": 6, "last": True, "resume": "last"}]
+    phases = [
+        {"kind": "mp", "dirpath": sync_dir, "steps": 6, "last": True, "resume": "last"},
+        {
+            "kind": "mp",
+            "label": "async",
+            "dirpath": async_dir,
+            "steps": 6,
+            "last": True,
+            "resume": "last",
+            "async": True,
+        },
+    ]
     per_rank = _run(s3_server, workdir, phases)
-    r0 = per_rank[0]
     assert not any(r["local_s3_dir"] for r in per_rank), "a local s3: folder was created"
     assert not (ROOT / "s3:").exists()
-    for rank, r in enumerate(per_rank):
-        assert r["mp:resumed"]["step"] == r0["mp:trained"]["step"] == 6, f"rank {rank}: {r['mp:resumed']}"
-        assert r["mp:resumed"]["weights"] == r0["mp:trained"]["weights"], f"rank {rank}: other weights"
-        assert r["mp:resumed"]["optim"] == r0["mp:trained"]["optim"], f"rank {rank}: other optimizer state"
-        assert r["mp:resumed_path"] == f"{dirpath}/last.ckpt"
     t = _transport(s3_server)
-    entries = {e.name: e for e in list_checkpoints(t, dirpath)}
-    # top-2 of steps 2, 4, 6 by score: 4 and 6 kept, 2 removed whole (no object left under it).
-    assert sorted(entries) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], sorted(entries)
-    assert all(e.kind == "sharded" and e.committed for e in entries.values())
-    assert all(any(k.endswith("/meta.pt") for k in e.keys) for e in entries.values())
-    assert r0["mp:removed"] == [f"{dirpath}/epoch=0-step=2.ckpt"]
+    for label, dirpath in (("mp", sync_dir), ("async", async_dir)):
+        r0 = per_rank[0]
+        for rank, r in enumerate(per_rank):
+            resumed, trained = r[f"{label}:resumed"], r0[f"{label}:trained"]
+            assert resumed["step"] == trained["step"] == 6, f"{label} rank {rank}: {resumed}"
+            assert resumed["weights"] == trained["weights"], f"{label} rank {rank}: other weights"
+            assert resumed["optim"] == trained["optim"], f"{label} rank {rank}: other optimizer state"
+            assert r[f"{label}:resumed_path"] == f"{dirpath}/last.ckpt"
+        entries = {e.name: e for e in list_checkpoints(t, dirpath)}
+        # top-2 of steps 2, 4, 6 by score: 4 and 6 kept, 2 removed whole (no object left under it).
+        assert sorted(entries) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], sorted(entries)
+        assert all(e.kind == "sharded" and e.committed for e in entries.values())
+        assert all(any(k.endswith("/meta.pt") for k in e.keys) for e in entries.values())
+        assert r0[f"{label}:removed"] == [f"{dirpath}/epoch=0-step=2.ckpt"]
+        assert f"{dirpath}/epoch=0-step=6.ckpt" in r0[f"{label}:saved"]
+
+
+@pytest.mark.timeout(300)
+def test_fsdp1_sharded_and_full_state(s3_server: LocalS3Server, tmp_path_factory: pytest.TempPathFactory) -> None:
+    bucket = f"shd-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    sharded, full = f"s3://{bucket}/fsdp", f"s3://{bucket}/full"
+    workdir = tmp_path_factory.mktemp("sharded-fsdp")
+    phases = [
+        {"kind": "fsdp", "dirpath": sharded, "steps": 4, "last": "link", "resume": f"{sharded}/epoch=0-step=4.ckpt"},
+        {"kind": "full", "dirpath": full, "steps": 4, "last": True, "resume": "last"},
+    ]
+    per_rank = _run(s3_server, workdir, phases)
+    assert not any(r["local_s3_dir"] for r in per_rank), "a local s3: folder was created"
+    t = _transport(s3_server)
+    for kind, dirpath, shape in (("fsdp", sharded, "sharded"), ("full", full, "file")):
+        r0 = per_rank[0]
+        for rank, r in enumerate(per_rank):
+            assert r[f"{kind}:resumed"]["step"] == 4, f"{kind} rank {rank}: {r[f'{kind}:resumed']}"
+            assert r[f"{kind}:resumed"]["weights"] == r0[f"{kind}:trained"]["weights"], f"{kind} rank {rank}"
+            assert r[f"{kind}:resumed"]["optim"] == r0[f"{kind}:trained"]["optim"], f"{kind} rank {rank}"
+        entries = {e.name: e for e in list_checkpoints(t, dirpath)}
+        assert sorted(entries) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"], (kind, sorted(entries))
+        assert {e.kind for e in entries.values()} == {shape}, kind
+        assert all(e.committed for e in entries.values())
+    # save_last="link": last.ckpt is a server-side copy of the sharded top-k checkpoint, never uploaded again.
+    r0 = per_rank[0]
+    assert r0["fsdp:copies"] == [f"{sharded}/last.ckpt"] * 2, r0["fsdp:copies"]  # after step 2 and step 4
+    assert f"{sharded}/last.ckpt" not in r0["fsdp:saved"]
+    # Loads that scale: rank 0 alone fetched .metadata, its manifest and meta.pt, once each; rank 1 sent no
+    # LIST or HEAD and GETs only its byte ranges of the shards.
+    assert r0["fsdp:resume_requests"].get("GetObject .metadata") == 1, r0["fsdp:resume_requests"]
+    assert r0["fsdp:resume_requests"].get("GetObject meta.pt") == 1, r0["fsdp:resume_requests"]
+    rank1 = per_rank[1]["fsdp:resume_requests"]
+    assert set(rank1) <= {"GetObject *.distcp"}, rank1

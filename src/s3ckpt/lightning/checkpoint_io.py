@@ -26,6 +26,7 @@ from ..async_saver import AsyncSaver
 from ..budget import check_request_budget
 from ..config import ClientConfig, RetryConfig, TransferConfig, given_knobs
 from ..errors import S3CheckpointError
+from ..model_parallel import GroupSizes, RankFile, remove_rank_file, save_rank_file
 from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..serialization import clone_to_host
 from ..snapshot import SnapshotPool
@@ -66,7 +67,9 @@ class S3CheckpointIO(CheckpointIO):
             part buffers.
         tensor_parallel_size, pipeline_parallel_size: how many ranks write under one prefix at once, for
             NeMo's request-budget rule ``concurrency * tp * pp * 1.15`` within 3,500 writes / 5,500 reads per
-            second per prefix (see :mod:`s3ckpt.budget`).
+            second per prefix (see :mod:`s3ckpt.budget`). With ``tp * pp > 1``, NeMo's per-rank paths
+            (``<dir>/mp_rank_XX/<name>``) form a group committed with no call once every rank file is stored
+            (see :mod:`s3ckpt.model_parallel`).
         strict_request_budget: raise ``ConfigError`` instead of warning when the budget is exceeded.
         client: endpoint, region, credentials; default from the environment.
         retry: retry policy; default from the environment.
@@ -127,6 +130,7 @@ class S3CheckpointIO(CheckpointIO):
             part_size_MB=self.transfer.chunk_size_MB,
             read_size_MB=self.transfer.read_chunk_size_MB,
         )
+        self.model_parallel = GroupSizes(tensor_parallel_size, pipeline_parallel_size)
         self.async_checkpointing = bool(async_checkpointing)
         self.verify = verify
         if on_save_error not in ("raise", "warn"):
@@ -171,10 +175,11 @@ class S3CheckpointIO(CheckpointIO):
                 "configure transfers on the S3CheckpointIO constructor"
             )
         url = self._url(path)
+        rank_file = self.model_parallel.rank_file(url)
         start = time.perf_counter()
         if self._saver is None:
             try:
-                stats = ck.save(checkpoint, url, transport=self.transport)
+                stats = self._save(checkpoint, url, rank_file)
             except S3CheckpointError as exc:
                 elapsed = time.perf_counter() - start
                 self._record(SaveRecord(url, 0, elapsed, elapsed, 0.0, error=str(exc)))
@@ -199,7 +204,7 @@ class S3CheckpointIO(CheckpointIO):
 
         def upload() -> None:
             try:
-                stats = ck.save(snapshot, url, transport=self.transport)
+                stats = self._save(snapshot, url, rank_file)
             except S3CheckpointError as exc:
                 failed_after = time.perf_counter() - start
                 self._record(SaveRecord(url, 0, stall, failed_after, 0.0, queued_s=queued, error=str(exc)))
@@ -253,12 +258,16 @@ class S3CheckpointIO(CheckpointIO):
         """Delete the checkpoint at ``path``. Async: only after every pending save has committed, and not
         at all if one of them failed (the old checkpoint is then the last good one)."""
         url = self._url(path)
+        rank_file = self.model_parallel.rank_file(url)
         record = RemovalRecord(url, time.time())
         with self._records_lock:
             self.removals.append(record)
 
         def remove() -> None:
-            ck.delete(url, transport=self.transport)
+            if rank_file is not None:  # the group's marker first, then this rank's file
+                remove_rank_file(rank_file, transport=self.transport)
+            else:
+                ck.delete(url, transport=self.transport)
             record.done_at = time.time()
 
         if self._saver is None:
@@ -314,6 +323,12 @@ class S3CheckpointIO(CheckpointIO):
                     self._snapshots.clear()
 
     # -- helpers ---------------------------------------------------------------------------------------
+
+    def _save(self, checkpoint: dict[str, Any], url: str, rank_file: RankFile | None) -> ck.SaveStats:
+        if rank_file is None:
+            return ck.save(checkpoint, url, transport=self.transport)
+        # After this rank's upload (sync or async): the rank that stores its file last commits the group.
+        return save_rank_file(checkpoint, rank_file, self.model_parallel, transport=self.transport)
 
     def wait(self) -> None:
         """Block until background work is done (raises a stored failure, as :meth:`teardown`). A no-op when

@@ -26,6 +26,7 @@ from typing import Any
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+
 from .checkpoint_io import S3CheckpointIO
 from .sharded import S3ShardedCheckpoints, s3_url_of
 
