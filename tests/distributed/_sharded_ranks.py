@@ -78,6 +78,36 @@ def _digest(obj: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _kill_during_save(kill: dict[str, Any]) -> None:  # pragma: no cover - runs in the rank processes
+    """SIGKILL this process in the middle of the sharded save of step ``kill["step"]``: ``"shard"`` right after
+    this rank's shards are stored (the other rank waits in DCP's collective), ``"commit"`` on the coordinator
+    after the shards, ``meta.pt`` and the manifest are stored, just before ``.metadata`` (the commit record)."""
+    import signal
+
+    from s3ckpt.dcp import commit, writer
+
+    marker = f"step={kill['step']}"
+    if kill["at"] == "shard":
+        original = writer.S3StorageWriter.write_data
+
+        def write_data(self: Any, plan: Any, planner: Any) -> Any:
+            result = original(self, plan, planner)
+            if marker in (self.url or ""):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        writer.S3StorageWriter.write_data = write_data  # type: ignore[method-assign]
+    else:
+        put = commit.put_record
+
+        def put_record(t: Any, bucket: str, key: str, data: bytes, **kwargs: Any) -> None:
+            if marker in key and key.endswith("/.metadata"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            put(t, bucket, key, data, **kwargs)
+
+        commit.put_record = put_record  # type: ignore[assignment]
+
+
 def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in the rank processes
     import lightning.pytorch as pl
     import torch.distributed as dist
@@ -184,17 +214,20 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
         label = phase.get("label", kind)
         s3 = {"async_checkpointing": phase.get("async", False)}
         next_group()
-        ckpt = S3ModelCheckpoint(
-            dirpath, every_n_train_steps=2, save_top_k=2, monitor="score", mode="max", save_last=phase["last"]
-        )
-        first = trainer(kind, phase["steps"], [ckpt], **s3)
-        first.fit(Model(wrap=kind != "fsdp"))
-        io = first.strategy.s3_checkpoint_io
-        out[f"{label}:trained"] = state_of(first)
-        out[f"{label}:best_k"] = sorted(ckpt.best_k_models)
-        out[f"{label}:removed"] = sorted(r.path for r in io.removals if r.done_at is not None)
-        out[f"{label}:saved"] = sorted(r.path for r in io.records if not r.failed)
-        out[f"{label}:copies"] = sorted(c.dst for c in io.copies if c.done_at is not None)
+        if not phase.get("resume_only"):
+            if phase.get("kill", {}).get("rank") == rank:
+                _kill_during_save(phase["kill"])
+            ckpt = S3ModelCheckpoint(
+                dirpath, every_n_train_steps=2, save_top_k=2, monitor="score", mode="max", save_last=phase["last"]
+            )
+            first = trainer(kind, phase["steps"], [ckpt], **s3)
+            first.fit(Model(wrap=kind != "fsdp"))
+            io = first.strategy.s3_checkpoint_io
+            out[f"{label}:trained"] = state_of(first)
+            out[f"{label}:best_k"] = sorted(ckpt.best_k_models)
+            out[f"{label}:removed"] = sorted(r.path for r in io.removals if r.done_at is not None)
+            out[f"{label}:saved"] = sorted(r.path for r in io.records if not r.failed)
+            out[f"{label}:copies"] = sorted(c.dst for c in io.copies if c.done_at is not None)
 
         next_group()
         again = S3ModelCheckpoint(dirpath, every_n_train_steps=100, save_top_k=0, save_last=False)

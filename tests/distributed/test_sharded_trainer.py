@@ -30,7 +30,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(s3_server: LocalS3Server, workdir: Path, phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _run(
+    s3_server: LocalS3Server, workdir: Path, phases: list[dict[str, Any]], returncodes: list[int] | None = None
+) -> list[dict[str, Any]]:
     cfg: dict[str, Any] = {
         "endpoint": s3_server.endpoint_url,
         "ak": s3_server.access_key,
@@ -49,6 +51,7 @@ def _run(s3_server: LocalS3Server, workdir: Path, phases: list[dict[str, Any]]) 
         timeout_s=240,
         rank_env=lambda r: {**env, "LOCAL_RANK": str(r), "RANK": str(r)},
         result_tag=RESULT_TAG,
+        expected_returncode=returncodes or 0,
     )
     print(f"phases {[p['kind'] for p in phases]}: {time.monotonic() - start:.1f} s")
     return per_rank
@@ -135,3 +138,31 @@ def test_fsdp1_sharded_and_full_state(s3_server: LocalS3Server, tmp_path_factory
     assert r0["fsdp:resume_requests"].get("GetObject meta.pt") == 1, r0["fsdp:resume_requests"]
     rank1 = per_rank[1]["fsdp:resume_requests"]
     assert set(rank1) <= {"GetObject *.distcp"}, rank1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("victim", "at"), [(1, "shard"), (0, "commit")])
+def test_sigkill_mid_save_keeps_previous_checkpoint(
+    s3_server: LocalS3Server, tmp_path_factory: pytest.TempPathFactory, victim: int, at: str
+) -> None:
+    """A rank SIGKILLed in the sharded save of step 6 (rank 1 after its shards are stored; rank 0, the
+    coordinator, after shards, meta.pt and manifest, just before .metadata): step 6 stays uncommitted, steps 2
+    and 4 and last.ckpt (step 4) stay whole, and a new job resumes from step 4."""
+    bucket = f"shd-{uuid.uuid4().hex[:10]}"
+    s3_server.create_bucket(bucket)
+    dirpath = f"s3://{bucket}/kill"
+    workdir = tmp_path_factory.mktemp("sharded-kill")
+    crash = [{"kind": "mp", "dirpath": dirpath, "steps": 8, "last": True, "resume": "last"}]
+    crash[0]["kill"] = {"rank": victim, "at": at, "step": 6}
+    # The victim dies by SIGKILL; the other rank's fit fails once its peer is gone.
+    codes = [-9, 1] if victim == 0 else [1, -9]
+    _run(s3_server, workdir / "crash", crash, returncodes=codes)
+    t = _transport(s3_server)
+    entries = {e.name: e for e in list_checkpoints(t, dirpath)}
+    assert entries["epoch=0-step=6.ckpt"].committed is False, entries["epoch=0-step=6.ckpt"]
+    assert all(entries[n].committed for n in ("epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"))
+    resume = [{"kind": "mp", "dirpath": dirpath, "steps": 4, "last": True, "resume": "last", "resume_only": True}]
+    per_rank = _run(s3_server, workdir / "resume", resume)
+    for rank, r in enumerate(per_rank):
+        assert r["mp:resumed"]["step"] == 4, f"rank {rank}: {r['mp:resumed']}"
+        assert r["mp:resumed_path"] == f"{dirpath}/last.ckpt"

@@ -372,3 +372,39 @@ def test_console_script_subprocess(s3_server: LocalS3Server, transport: S3Transp
     assert proc.returncode == 0, proc.stderr
     (rec,) = _json_lines(proc.stdout)
     assert rec["name"] == "last.ckpt" and rec["resume"] is True
+
+
+def test_trainer_sharded_checkpoint_ls_verify_rm_gc(
+    cli: Run, transport: S3Transport, bucket: str, s3_server: LocalS3Server
+) -> None:
+    """A sharded checkpoint as the strategies write it (shards, meta.pt, manifest, .metadata): one entry in
+    ``ls``, every object including meta.pt verified, a damaged meta.pt caught, ``rm`` deletes the commit record
+    first and leaves nothing, ``gc`` removes an unfinished one."""
+    from s3ckpt.dcp.trainer_state import save_state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a single-process DCP save
+        for step in (2, 4):
+            url = f"s3://{bucket}/run/epoch=0-step={step}.ckpt"
+            save_state(url, {"model": {"w": torch.ones(32, 32) * step}}, {"global_step": step}, transport=transport)
+    code, out, err = cli("--json", "ls", f"s3://{bucket}/run/")
+    rows = {r["url"].rstrip("/").rsplit("/", 1)[-1]: r for r in _json_lines(out)}
+    assert code == 0 and set(rows) == {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"}, (rows, err)
+    assert {r["kind"] for r in rows.values()} == {"sharded"}
+
+    code, out, err = cli("verify", f"s3://{bucket}/run/epoch=0-step=4.ckpt")
+    assert code == 0 and "meta.pt" in out and out.count("OK") == 3, (out, err)  # shard, meta.pt, .metadata
+    s3_server.client().put_object(Bucket=bucket, Key="run/epoch=0-step=4.ckpt/meta.pt", Body=b"not the trainer state")
+    code, out, err = cli("verify", f"s3://{bucket}/run/epoch=0-step=4.ckpt")
+    assert code == 1 and "meta.pt" in err, (out, err)
+
+    code, out, err = cli("rm", "-y", f"s3://{bucket}/run/epoch=0-step=4.ckpt")
+    assert code == 0, err
+    assert _keys(transport, bucket, "run/epoch=0-step=4.ckpt/") == set()
+    assert ops.exists(transport, bucket, "run/epoch=0-step=2.ckpt/meta.pt")
+
+    # An unfinished save (no .metadata): invisible to resume, removed by gc.
+    ops.delete_object(transport, bucket, "run/epoch=0-step=2.ckpt/.metadata")
+    code, out, err = cli("gc", "-y", "--older-than", "0s", f"s3://{bucket}/run/")
+    assert code == 0, err
+    assert _keys(transport, bucket, "run/") == set()

@@ -163,7 +163,7 @@ def _dcp_records(ctx: Context, bucket: str, entry: CheckpointEntry) -> dict[str,
     except S3NotFoundError:
         return {}
     manifest = Manifest.from_json(data, where=build_s3_url(bucket, prefix + MANIFEST_NAME))
-    records = {prefix + rel: rec.crc32c for rel, rec in manifest.files.items()}
+    records = {prefix + rel: rec.crc32c for rel, rec in {**manifest.files, **manifest.extras}.items()}
     records[prefix + METADATA_NAME] = manifest.metadata_crc32c
     return records
 
