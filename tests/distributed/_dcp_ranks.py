@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from s3ckpt import dcp as s3dcp
 from s3ckpt.config import ClientConfig, RetryConfig, TransferConfig
 from s3ckpt.dcp import NumericPrefixStrategy, S3StorageReader, S3StorageWriter
 from s3ckpt.transport import S3Transport
@@ -77,6 +78,9 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - ru
     )
     mesh = init_device_mesh("cpu", (ws,))
     t = transport_for(cfg)
+    from tests.distributed._sharded_ranks import KeyCounter
+
+    wire = KeyCounter(t)
     placements = {"layer.big": [Shard(0)], "layer.w": [Shard(0)], "emb": [Shard(1)], "rep": [Replicate()]}
 
     def state_for(seed: int, big_rows: int, empty: bool) -> dict[str, Any]:
@@ -104,6 +108,7 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - ru
         kind, url, seed, big = op["op"], op["url"], op["seed"], op.get("big_rows", 0)
         strategy = NumericPrefixStrategy(op["prefixes"]) if op.get("prefixes") else None
         start = time.perf_counter()
+        wire.take()
         if kind in ("save", "async_save", "kill_save"):
             writer = S3StorageWriter(url, transport=t, prefix_strategy=strategy)
             state = state_for(seed, big, empty=False)
@@ -113,7 +118,10 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - ru
                 dcp.save(state, storage_writer=writer, planner=KillingPlanner() if kind == "kill_save" else None)
         else:
             state = state_for(seed, big, empty=True)
-            dcp.load(state, storage_reader=S3StorageReader(url, transport=t))
+            if op.get("via") == "wrapper":  # s3ckpt.dcp.load: .metadata fetched by rank 0 and broadcast
+                s3dcp.load(state, url, transport=t)
+            else:
+                dcp.load(state, storage_reader=S3StorageReader(url, transport=t))
             expected = state_for(seed, big, empty=False)
             for k, v in state.items():
                 if isinstance(v, DTensor):
@@ -121,7 +129,12 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - ru
             assert torch.equal(state["plain"], expected["plain"]), url
             assert state["meta"] == expected["meta"], (url, state["meta"])
         # One line per finished op, so a run whose last op is killed still shows what came before it.
-        print(RESULT_TAG + json.dumps({"op": kind, "url": url, "s": round(time.perf_counter() - start, 3)}), flush=True)
+        took = round(time.perf_counter() - start, 3)
+        print(
+            RESULT_TAG
+            + json.dumps({"op": kind, "url": url, "via": op.get("via", "reader"), "s": took, "requests": wire.take()}),
+            flush=True,
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -50,6 +50,7 @@ def saved_by_4(s3_server: Any, dcp_bucket: str, tmp_path_factory: pytest.TempPat
         {"op": "load", "url": urls["flat"], "seed": 1, "big_rows": BIG_ROWS},
         {"op": "load", "url": urls["prefixed"], "seed": 2},
         {"op": "load", "url": urls["async"], "seed": 3},
+        {"op": "load", "url": urls["prefixed"], "seed": 2, "via": "wrapper"},
     ]
     return {"urls": urls, "results": run_ranks(s3_server, 4, plan, tmp_path_factory.mktemp("ranks4"))}
 
@@ -97,7 +98,7 @@ def _load_full(url: str, seed: int, t: S3Transport, big_rows: int = 0, **reader:
 @pytest.mark.timeout(240)
 def test_save_and_load_4_ranks(saved_by_4: dict[str, Any], t: S3Transport) -> None:
     urls = saved_by_4["urls"]
-    assert len(saved_by_4["results"]) == 4 and all(len(r) == 6 for r in saved_by_4["results"])
+    assert len(saved_by_4["results"]) == 4 and all(len(r) == 7 for r in saved_by_4["results"])
     flat = _keys(t, urls["flat"])
     assert flat == [".metadata", ".metadata.s3ckpt.json", *[f"__{r}_0.distcp" for r in range(4)]]
     bucket, key = urls["flat"][5:].split("/", 1)
@@ -109,6 +110,23 @@ def test_save_and_load_4_ranks(saved_by_4: dict[str, Any], t: S3Transport) -> No
         assert "-" in info.etag, "a multipart upload"
     (entry,) = [e for e in list_checkpoints(t, urls["flat"]) if e.kind == "sharded"]
     assert entry.committed and entry.url.rstrip("/") == urls["flat"]
+
+
+@pytest.mark.timeout(240)
+def test_metadata_requests_do_not_grow_with_ranks(saved_by_4: dict[str, Any]) -> None:
+    """At 4 ranks, a plain ``dcp.load`` through ``S3StorageReader`` GETs ``.metadata`` and its sidecar on every
+    rank; ``s3ckpt.dcp.load`` GETs each once, on rank 0 (broadcast), and the other ranks only shard ranges.
+    Counted per rank on the wire (one botocore ``before-send`` per HTTP request)."""
+    per_rank = [{(r["op"], r["url"], r["via"]): r["requests"] for r in rs} for rs in saved_by_4["results"]]
+    prefixed = saved_by_4["urls"]["prefixed"]
+    plain = [rank[("load", prefixed, "reader")] for rank in per_rank]
+    shared = [rank[("load", prefixed, "wrapper")] for rank in per_rank]
+    assert [p.get("GetObject .metadata") for p in plain] == [1, 1, 1, 1], plain
+    assert [p.get("GetObject .metadata.s3ckpt.json") for p in plain] == [1, 1, 1, 1], plain
+    assert shared[0].get("GetObject .metadata") == 1 and shared[0].get("GetObject .metadata.s3ckpt.json") == 1
+    for rank, counts in enumerate(shared[1:], start=1):
+        assert set(counts) <= {"GetObject *.distcp"}, f"rank {rank} sent {counts}"
+    assert not any("ListObjectsV2" in c or "HeadObject .metadata" in c for c in shared), shared
 
 
 @pytest.mark.timeout(240)

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict_loader import load as _dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as _dcp_save
 
+from ..checkpoint import resolve_transport
 from ..errors import S3CheckpointError
 from .layout import (
     MANIFEST_NAME,
@@ -52,6 +53,13 @@ __all__ = [
     "save",
     "unwrap",
 ]
+
+
+def _collective(process_group: Any) -> bool:
+    """True when a load runs on several ranks of the default group (the broadcast's group)."""
+    import torch.distributed as dist
+
+    return process_group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def unwrap(exc: CheckpointException) -> BaseException:
@@ -106,13 +114,20 @@ def load(
     **reader_options: Any,
 ) -> None:
     """``dcp.load`` from ``url`` in place, through :class:`S3StorageReader` (``reader_options`` are its
-    keyword arguments).
+    keyword arguments). In a multi-rank job (default process group), ``.metadata`` and its sidecar are fetched
+    by rank 0 alone and broadcast (:func:`fetch_shared`); other ranks GET only their shards' byte ranges.
 
     Raises:
         CheckpointNotFoundError: nothing committed at ``url``.
         CheckpointCorruptedError: the manifest, ``.metadata`` or an item does not match its checksum.
         CheckpointException: any other failure, as DCP reports it.
     """
+    if not no_dist and reader_options.get("preloaded") is None and _collective(process_group):
+        # Every rank would GET .metadata and its sidecar on every dcp.load; rank 0 fetches them once instead
+        # and broadcasts the bytes (or the error), so the requests do not grow with the number of ranks.
+        reader_options["preloaded"] = fetch_shared(
+            str(url), resolve_transport(reader_options.get("transport")), verify=reader_options.get("verify", True)
+        )
     reader = S3StorageReader(url, **reader_options)
     try:
         _dcp_load(state_dict, storage_reader=reader, process_group=process_group, no_dist=no_dist, planner=planner)
