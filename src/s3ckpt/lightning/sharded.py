@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -28,9 +29,42 @@ from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from .checkpoint_io import S3CheckpointIO
 from .records import SaveRecord
 
-__all__ = ["S3ShardedCheckpoints", "s3_url_of"]
+__all__ = ["S3ShardedCheckpoints", "local_broadcast", "s3_plugin_of", "s3_url_of", "weights_only_kwargs"]
 
 log = logging.getLogger(__name__)
+
+
+def weights_only_kwargs(weights_only: bool | None) -> dict[str, bool]:
+    """``weights_only`` for Lightning's ``load_checkpoint`` when set: Lightning 2.4 has no such parameter."""
+    return {} if weights_only is None else {"weights_only": weights_only}
+
+
+@contextmanager
+def local_broadcast(strategy: Any) -> Iterator[None]:
+    """Within the block, ``strategy.broadcast`` returns each rank's own value. For Lightning's full-state
+    load on a verified in-memory download: every rank already agreed on the URL, and each has its own
+    in-memory file, whose path rank 0 must not impose on the others."""
+    strategy.broadcast = _own_value
+    try:
+        yield
+    finally:
+        del strategy.broadcast
+
+
+def _own_value(obj: Any, src: int = 0) -> Any:
+    return obj
+
+
+def s3_plugin_of(plugin: Any) -> S3CheckpointIO | None:
+    """The :class:`S3CheckpointIO` that ``plugin`` is or wraps (Lightning's ``AsyncCheckpointIO`` and other
+    wrappers keep theirs in ``.checkpoint_io``), else ``None``."""
+    for _ in range(8):
+        if isinstance(plugin, S3CheckpointIO):
+            return plugin
+        plugin = getattr(plugin, "checkpoint_io", None)
+        if plugin is None:
+            break
+    return None
 
 
 def s3_url_of(path: Any) -> str | None:
@@ -169,10 +203,11 @@ class S3ShardedCheckpoints:
         *,
         module: torch.nn.Module,
         optimizers: Mapping[str, torch.optim.Optimizer],
-        module_key: str,
+        module_key: str | None,
         strict: bool,
         weights_only: bool | None,
         load_file: Callable[[Path], dict[str, Any]],
+        require_optimizers: bool = False,
     ) -> dict[str, Any]:
         """Load the checkpoint at ``url`` into ``module`` and ``optimizers``; returns the rest of the state.
 
@@ -180,13 +215,37 @@ class S3ShardedCheckpoints:
         with ``.metadata`` and ``meta.pt``, so no other rank sends a LIST, HEAD or GET for them. A file is
         downloaded (verified) into memory on every rank and handed to ``load_file`` as a path, so the
         strategy's own full-state logic loads it (memory: the file's size per rank, mapped lazily).
+
+        Args:
+            module_key: the module's key in a sharded checkpoint; ``None`` accepts a single file only (a bare
+                module given to Fabric's ``load_raw``).
+            require_optimizers: raise if the sharded checkpoint has no state for one of ``optimizers`` (Fabric,
+                where the caller names them); else such an optimizer is left as it is (the Trainer loading a
+                ``save_weights_only`` checkpoint).
+
+        Raises:
+            ValueError: ``module_key=None`` and ``url`` is a sharded checkpoint.
+            KeyError: ``require_optimizers`` and an optimizer's state is missing.
         """
         io = self.io(url)
         if io._saver is not None:
             io._saver.wait_for(url)  # read-your-writes: a save of this path still uploading
         found = probe(url, io.transport, verify=bool(io.verify))
         if found.sharded is not None:
-            load_state(found.sharded, module, optimizers, module_key=module_key, strict=strict, transport=io.transport)
+            if module_key is None:
+                raise ValueError(
+                    f"{url} is a sharded checkpoint: a module alone loads from a single file with the full state "
+                    "dict; load the sharded checkpoint with a state dict instead, e.g. {'model': model}"
+                )
+            loaded = load_state(
+                found.sharded, module, optimizers, module_key=module_key, strict=strict, transport=io.transport
+            )
+            missing = sorted(set(optimizers) - set(loaded))
+            if require_optimizers and missing:
+                raise KeyError(
+                    f"{url} holds no optimizer state under {missing}; its optimizers were saved under other keys, "
+                    "or it was saved without optimizers: load it without them or under the keys it was saved with"
+                )
             return read_meta(found.sharded, weights_only=weights_only)
         buf, _, _ = ck._download_verified(io.transport, url, verify=io.verify, progress=None)
         try:

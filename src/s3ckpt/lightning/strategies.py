@@ -20,6 +20,7 @@ from the s3ckpt keyword arguments (``async_checkpointing``, ``chunk_size_MB``, .
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 
 from .checkpoint_io import S3CheckpointIO
-from .sharded import S3ShardedCheckpoints, s3_url_of
+from .sharded import S3ShardedCheckpoints, local_broadcast, s3_plugin_of, s3_url_of, weights_only_kwargs
 
 __all__ = ["S3FSDPStrategy", "S3ModelParallelStrategy"]
 
@@ -45,23 +46,14 @@ _S3_OPTIONS = (
 )
 
 
-def _find_plugin(plugin: Any) -> S3CheckpointIO | None:
-    for _ in range(8):
-        if isinstance(plugin, S3CheckpointIO):
-            return plugin
-        plugin = getattr(plugin, "checkpoint_io", None)
-        if plugin is None:
-            break
-    return None
-
-
 class _S3Sharded:
     """What both Trainer strategies add: ``s3://`` saves, loads and removals through s3ckpt."""
 
     _module_key = "model"
     _s3: S3ShardedCheckpoints
 
-    # Provided by Lightning's strategy classes.
+    # Provided by Lightning's strategy classes (annotations only: the mixin must not shadow them).
+    broadcast: Callable[..., Any]
     checkpoint_io: CheckpointIO
     model: Any
     optimizers: list[Any]
@@ -76,7 +68,7 @@ class _S3Sharded:
     @property
     def s3_checkpoint_io(self) -> S3CheckpointIO:
         """The :class:`S3CheckpointIO` the ``s3://`` checkpoints go through."""
-        plugin = _find_plugin(self.checkpoint_io)
+        plugin = s3_plugin_of(self.checkpoint_io)
         if plugin is not None:
             self._s3._io = plugin
         return self._s3.io()
@@ -111,19 +103,15 @@ class _S3Sharded:
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         url = self._s3_url(checkpoint_path)
         if url is None:
-            return super().load_checkpoint(checkpoint_path, weights_only)  # type: ignore[misc,no-any-return]
+            return super().load_checkpoint(checkpoint_path, **weights_only_kwargs(weights_only))  # type: ignore[misc,no-any-return]
         assert self.model is not None and self.lightning_module is not None
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         optimizers = {f"optimizer_{i}": o for i, o in enumerate(self.optimizers)} if fitting else {}
 
         def load_file(path: Path) -> dict[str, Any]:
-            # Lightning's own full-state logic, on the verified download; every rank already has the same
-            # path, so Lightning's broadcast of it (each rank's own in-memory file) must not run.
-            self.broadcast = _own_value
-            try:
-                return super(_S3Sharded, self).load_checkpoint(path, weights_only)  # type: ignore[misc,no-any-return]
-            finally:
-                del self.broadcast
+            # Lightning's own full-state logic, on the verified in-memory download.
+            with local_broadcast(self):
+                return super(_S3Sharded, self).load_checkpoint(path, **weights_only_kwargs(weights_only))  # type: ignore[misc,no-any-return]
 
         return self._s3.load(
             url,
@@ -148,10 +136,6 @@ class _S3Sharded:
             self._s3.teardown()
         finally:
             super().teardown()  # type: ignore[misc]
-
-
-def _own_value(obj: Any, src: int = 0) -> Any:
-    return obj
 
 
 class S3FSDPStrategy(_S3Sharded, FSDPStrategy):
