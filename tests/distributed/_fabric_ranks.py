@@ -30,9 +30,7 @@ from typing import Any
 
 import torch
 
-from tests.distributed._sharded_ranks import _digest
-
-RESULT_TAG = "FABRIC-RESULT "
+from tests.distributed._sharded_ranks import _digest, report
 
 
 class Counter:
@@ -57,7 +55,6 @@ def _error(fn: Any) -> str:
 
 
 def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in the rank processes
-    import torch.distributed as dist
     from lightning.fabric import Fabric
     from torch import nn
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -67,7 +64,7 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
     from s3ckpt.fabric import S3FSDPStrategy, S3ModelParallelStrategy
 
     torch.set_num_threads(1)
-    os.environ["MASTER_PORT"] = str(cfg["port"])
+    os.environ["MASTER_PORT"] = str(cfg["ports"][0])
     client = ClientConfig(endpoint_url=cfg["endpoint"], access_key_id=cfg["ak"], secret_access_key=cfg["sk"])
     out: dict[str, Any] = {}
 
@@ -199,10 +196,7 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
         # "pathlib": the path as pathlib leaves it (s3:/bucket/key), which must still mean the URL.
         path = str(Path(phase["url"])) if phase.get("pathlib") else phase["url"]
         out[phase["kind"] + ("-async" if is_async else "")] = run_phase(phase["kind"], path, is_async)
-    out["local_s3_dir"] = os.path.exists("s3:") or os.path.exists(os.path.join(cfg["workdir"], "s3:"))
-    print(RESULT_TAG + json.dumps(out), flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    report(out, cfg)
 
 
 if __name__ == "__main__":  # pragma: no cover

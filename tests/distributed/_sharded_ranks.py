@@ -78,6 +78,60 @@ def _digest(obj: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def run_two_ranks(
+    module: str,
+    s3_server: Any,
+    workdir: Any,
+    phases: list[dict[str, Any]],
+    ports: int,
+    returncodes: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Launch ``python -m module`` as 2 gloo ranks (Lightning's environment variables) against ``s3_server``
+    with ``phases``; returns what each rank reported (``report``)."""
+    import socket
+    import time
+
+    from tests.distributed.test_resume_broadcast import run_ranks
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    cfg: dict[str, Any] = {
+        "endpoint": s3_server.endpoint_url,
+        "ak": s3_server.access_key,
+        "sk": s3_server.secret_key,
+        "workdir": str(workdir),
+        "phases": phases,
+        "ports": [free_port() for _ in range(ports)],
+    }
+    env = {"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    start = time.monotonic()
+    per_rank = run_ranks(
+        module,
+        cfg,
+        2,
+        workdir,
+        timeout_s=240,
+        rank_env=lambda r: {**env, "LOCAL_RANK": str(r), "RANK": str(r)},
+        result_tag=RESULT_TAG,
+        expected_returncode=returncodes or 0,
+    )
+    print(f"{module} phases {[p['kind'] for p in phases]}: {time.monotonic() - start:.1f} s")
+    return per_rank
+
+
+def report(out: dict[str, Any], cfg: dict[str, Any]) -> None:  # pragma: no cover - runs in the rank processes
+    """Print this rank's results (and whether a local ``s3:`` folder appeared), then leave the process group."""
+    import torch.distributed as dist
+
+    out["local_s3_dir"] = os.path.exists("s3:") or os.path.exists(os.path.join(cfg["workdir"], "s3:"))
+    print(RESULT_TAG + json.dumps(out), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _kill_during_save(kill: dict[str, Any]) -> None:  # pragma: no cover - runs in the rank processes
     """SIGKILL this process in the middle of the sharded save of step ``kill["step"]``: ``"shard"`` right after
     this rank's shards are stored (the other rank waits in DCP's collective), ``"commit"`` on the coordinator
@@ -236,10 +290,7 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
         second.fit(Model(wrap=kind != "fsdp"), ckpt_path=phase["resume"])
         out[f"{label}:resume_requests"] = wire.take()
         out[f"{label}:resumed_path"] = str(second.ckpt_path)
-    out["local_s3_dir"] = os.path.exists("s3:") or os.path.exists(os.path.join(cfg["workdir"], "s3:"))
-    print(RESULT_TAG + json.dumps(out), flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    report(out, cfg)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,7 +5,6 @@ on CPU against the session's S3 server. The rank side is tests/distributed/_fabr
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -15,18 +14,12 @@ import pytest
 
 from s3ckpt.catalog import list_checkpoints
 from s3ckpt.server import LocalS3Server
-from tests.distributed._fabric_ranks import RESULT_TAG
-from tests.distributed.test_resume_broadcast import make_transport, run_ranks
+from tests.distributed._sharded_ranks import run_two_ranks
+from tests.distributed.test_resume_broadcast import make_transport
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.timeout(300)
@@ -43,25 +36,8 @@ def test_fabric_save_load_model_parallel_fsdp_full_and_async(
         {"kind": "fsdp", "url": f"{prefix}/fsdp", "pathlib": True},
         {"kind": "full", "url": f"{prefix}/full.ckpt"},
     ]
-    cfg = {
-        "endpoint": s3_server.endpoint_url,
-        "ak": s3_server.access_key,
-        "sk": s3_server.secret_key,
-        "workdir": str(workdir),
-        "phases": phases,
-        "port": _free_port(),
-    }
-    env = {"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "NODE_RANK": "0"}
     start = time.monotonic()
-    per_rank = run_ranks(
-        "tests.distributed._fabric_ranks",
-        cfg,
-        2,
-        workdir,
-        timeout_s=240,
-        rank_env=lambda r: {**env, "LOCAL_RANK": str(r), "RANK": str(r)},
-        result_tag=RESULT_TAG,
-    )
+    per_rank = run_two_ranks("tests.distributed._fabric_ranks", s3_server, workdir, phases, 1)
     seconds = {k: v["seconds"] for k, v in per_rank[0].items() if k != "local_s3_dir"}
     print(f"fabric phases: {time.monotonic() - start:.1f} s in all; per phase {seconds}")
 

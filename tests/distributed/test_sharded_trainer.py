@@ -5,8 +5,6 @@ S3 server. The rank side is tests/distributed/_sharded_ranks.py.
 
 from __future__ import annotations
 
-import socket
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,45 +14,18 @@ import pytest
 from s3ckpt.catalog import list_checkpoints
 from s3ckpt.server import LocalS3Server
 from s3ckpt.transport.context import S3Transport
-from tests.distributed._sharded_ranks import RESULT_TAG
-from tests.distributed.test_resume_broadcast import make_transport, run_ranks
+from tests.distributed._sharded_ranks import run_two_ranks
+from tests.distributed.test_resume_broadcast import make_transport
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(
     s3_server: LocalS3Server, workdir: Path, phases: list[dict[str, Any]], returncodes: list[int] | None = None
 ) -> list[dict[str, Any]]:
-    cfg: dict[str, Any] = {
-        "endpoint": s3_server.endpoint_url,
-        "ak": s3_server.access_key,
-        "sk": s3_server.secret_key,
-        "workdir": str(workdir),
-        "phases": phases,
-        "ports": [_free_port() for _ in range(2 * len(phases))],
-    }
-    env = {"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "NODE_RANK": "0"}
-    start = time.monotonic()
-    per_rank = run_ranks(
-        "tests.distributed._sharded_ranks",
-        cfg,
-        2,
-        workdir,
-        timeout_s=240,
-        rank_env=lambda r: {**env, "LOCAL_RANK": str(r), "RANK": str(r)},
-        result_tag=RESULT_TAG,
-        expected_returncode=returncodes or 0,
-    )
-    print(f"phases {[p['kind'] for p in phases]}: {time.monotonic() - start:.1f} s")
-    return per_rank
+    return run_two_ranks("tests.distributed._sharded_ranks", s3_server, workdir, phases, 2 * len(phases), returncodes)
 
 
 def _transport(s3_server: LocalS3Server) -> S3Transport:
