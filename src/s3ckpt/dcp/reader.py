@@ -10,7 +10,7 @@ import uuid
 from collections import deque
 from concurrent.futures import Future as CFuture
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import IO, Any, cast
 
 import crc32c as _crc32c
 import torch
@@ -32,9 +32,10 @@ from ..transport import ops
 from ..transport.context import S3Transport
 from ..transport.download import ObjectChangedError, fetch_range, plan_ranges
 from ..transport.ops import ObjectInfo
+from .item import MemoryFile, tensor_in_item
 from .layout import METADATA_NAME, FileRecord, Manifest, S3CheckpointId, loads_metadata, split_url
 from .shared import PreloadedCheckpoint, fetch_committed
-from .spans import Span, plan_spans
+from .spans import Span, SpanBuffers, plan_spans
 
 __all__ = ["S3StorageReader"]
 
@@ -192,7 +193,8 @@ class S3StorageReader(S3CheckpointId, StorageReader):
         spans = plan_spans(infos, gap=self.gap, max_span=self.max_span)
         cfg = self.transport.transfer
         budget = cfg.max_read_concurrency * cfg.read_chunk_size
-        pending: deque[tuple[Span, bytearray, list[CFuture[None]]]] = deque()
+        pending: deque[tuple[Span, memoryview, list[CFuture[None]]]] = deque()
+        buffers = SpanBuffers()
         in_flight = 0
         queue = iter(spans)
         nxt = next(queue, None)
@@ -200,7 +202,7 @@ class S3StorageReader(S3CheckpointId, StorageReader):
             try:
                 while nxt is not None or pending:
                     while nxt is not None and (not pending or in_flight + nxt.size <= budget):
-                        buf = bytearray(nxt.size)
+                        buf = buffers.take(nxt.size)
                         pending.append((nxt, buf, self._submit(pool, nxt, buf)))
                         in_flight += nxt.size
                         nxt = next(queue, None)
@@ -208,6 +210,7 @@ class S3StorageReader(S3CheckpointId, StorageReader):
                     for fut in futures:
                         fut.result()
                     self._load_span(span, buf, requests, planner)
+                    buffers.give(buf)  # loaded (copied into the targets): its pages hold the next span
                     in_flight -= span.size
             except BaseException:
                 for _, _, futures in pending:
@@ -241,8 +244,7 @@ class S3StorageReader(S3CheckpointId, StorageReader):
         with self._lock:
             return self._objects.setdefault(path, info)
 
-    def _submit(self, pool: ThreadPoolExecutor, span: Span, buf: bytearray) -> list[CFuture[None]]:
-        view = memoryview(buf)
+    def _submit(self, pool: ThreadPoolExecutor, span: Span, view: memoryview) -> list[CFuture[None]]:
         chunk = self.transport.transfer.read_chunk_size
         return [
             pool.submit(self._fetch, span.path, view[a - span.start : b - span.start], a, b)
@@ -298,9 +300,8 @@ class S3StorageReader(S3CheckpointId, StorageReader):
         return info
 
     def _load_span(
-        self, span: Span, buf: bytearray, requests: dict[tuple[str, int], list[ReadItem]], planner: LoadPlanner
+        self, span: Span, view: memoryview, requests: dict[tuple[str, int], list[ReadItem]], planner: LoadPlanner
     ) -> None:
-        view = memoryview(buf)
         for info in span.items:
             data = view[info.offset - span.start : info.offset - span.start + info.length]
             self._check_item(span.path, info, data)
@@ -309,7 +310,11 @@ class S3StorageReader(S3CheckpointId, StorageReader):
                 for req in reqs:
                     planner.load_bytes(req, io.BytesIO(data))
                 continue
-            tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            # A view of the downloaded bytes where the item is a plain torch.save of a tensor (one copy, into
+            # the target, below); torch.load otherwise.
+            tensor = tensor_in_item(data)
+            if tensor is None:
+                tensor = torch.load(cast(IO[bytes], MemoryFile(data)), map_location="cpu", weights_only=True)
             for req in reqs:
                 source = _narrow(tensor, req.storage_offsets, req.lengths)
                 target = planner.resolve_tensor(req).detach()
