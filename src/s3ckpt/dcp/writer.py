@@ -7,7 +7,7 @@ import io
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ..budget import ShardBudget, check_shard_budget
 from ..checkpoint import resolve_transport
 from ..errors import ConfigError
 from ..serialization import ZipLayoutError, disable_crc_filling, save_to_stream
@@ -46,18 +47,25 @@ _ITEM_OVERHEAD = 4096
 class _ItemTap:
     """Forwards writes to the upload and keeps the CRC32C of the item being written.
 
-    Not an ``io`` class on purpose: torch.save only needs ``write`` and ``flush``, and an ``IOBase`` would
-    close the shared upload when it is garbage-collected.
+    A tappable sink (``accepts_tap``): the upload hands each piece back once it is copied into a part buffer,
+    so this CRC32C, and the zip CRC-32 the filler computes, read bytes still in the CPU cache instead of
+    making passes of their own over the tensor. Not an ``io`` class on purpose: torch.save only needs
+    ``write`` and ``flush``, and an ``IOBase`` would close the shared upload when it is garbage-collected.
     """
+
+    accepts_tap = True
 
     def __init__(self, sink: MultipartWriter) -> None:
         self._sink = sink
         self.crc = 0
 
-    def write(self, data: Any) -> int:
-        n = self._sink.write(data)
-        self.crc = _crc32c.crc32c(data, self.crc)
-        return n
+    def write(self, data: Any, *, tap: Callable[[memoryview], None] | None = None) -> int:
+        def hot(piece: memoryview) -> None:
+            self.crc = _crc32c.crc32c(piece, self.crc)
+            if tap is not None:
+                tap(piece)
+
+        return self._sink.write(data, tap=hot)
 
     def flush(self) -> None:
         pass
@@ -124,6 +132,9 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
             checkpoint raises :class:`ConflictError` before any byte is written. When on, the old
             ``.metadata`` is deleted before any rank writes, so an interrupted overwrite leaves an
             unfinished save, never a committed mix of two checkpoints.
+        strict_request_budget: raise ``ConfigError`` instead of warning when the save would send more write
+            requests per second to one prefix than S3 serves (:func:`s3ckpt.budget.check_shard_budget`, run by
+            the coordinator before any rank writes; the message names the ``NumericPrefixStrategy(n)`` needed).
     """
 
     def __init__(
@@ -137,6 +148,7 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         files_per_rank: int = 1,
         extra_files: Mapping[str, bytes] | None = None,
         overwrite: bool = False,
+        strict_request_budget: bool = False,
     ) -> None:
         super().__init__()
         self.extra_files = {check_extra_name(k): bytes(v) for k, v in (extra_files or {}).items()}
@@ -156,6 +168,8 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         self.prefix_strategy: PrefixStrategy = prefix_strategy if prefix_strategy is not None else FlatPrefixStrategy()
         self.files_per_rank = files_per_rank
         self.overwrite = overwrite
+        self.strict_request_budget = strict_request_budget
+        self.request_budget: ShardBudget | None = None  # set on the coordinator by prepare_global_plan
         self.url: str | None = None
         self.bucket = ""
         self.prefix = ""
@@ -207,6 +221,16 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         Runs on the coordinator before any rank writes, which is what makes deleting the old ``.metadata``
         here safe.
         """
+        # First, before anything is deleted: only the coordinator knows how many ranks write, and under which prefix.
+        t = self.transport.transfer
+        self.request_budget = check_shard_budget(
+            [self.prefix + self.prefix_strategy.rank_dir(rank) for rank, plan in enumerate(plans) if plan.items],
+            t.max_write_concurrency,
+            files_per_rank=self.files_per_rank,
+            part_size_MB=t.chunk_size_MB,
+            strict=self.strict_request_budget,
+            where=self.url or "",
+        )
         clear_previous(
             self.transport, self.bucket, self.prefix, overwrite=self.overwrite, extra_names=list(self.extra_files)
         )
