@@ -85,6 +85,7 @@ def run_two_ranks(
     phases: list[dict[str, Any]],
     ports: int,
     returncodes: list[int] | None = None,
+    **extra: Any,
 ) -> list[dict[str, Any]]:
     """Launch ``python -m module`` as 2 gloo ranks (Lightning's environment variables) against ``s3_server``
     with ``phases``; returns what each rank reported (``report``)."""
@@ -105,6 +106,7 @@ def run_two_ranks(
         "workdir": str(workdir),
         "phases": phases,
         "ports": [free_port() for _ in range(ports)],
+        **extra,
     }
     env = {"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "NODE_RANK": "0"}
     start = time.monotonic()
@@ -236,6 +238,11 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
 
     def strategy(kind: str, **s3: Any) -> Any:
         common = {"process_group_backend": "gloo", "timeout": timedelta(seconds=60), "client": client, **s3}
+        if s3.pop("reader", False):  # the read-only identity: every save is refused with AccessDenied
+            common["client"] = ClientConfig(
+                endpoint_url=cfg["endpoint"], access_key_id=cfg["reader_ak"], secret_access_key=cfg["reader_sk"]
+            )
+            common.pop("reader")
         if kind in ("mp", "full"):
             # "full": one file gathered on rank 0 (FSDP1's full state crashes on CPU, Lightning #21804).
             return S3ModelParallelStrategy(
@@ -267,6 +274,7 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
         kind, dirpath = phase["kind"], phase["dirpath"]
         label = phase.get("label", kind)
         s3 = {"async_checkpointing": phase.get("async", False)}
+        s3.update({k: phase[k] for k in ("reader", "on_save_error") if k in phase})
         next_group()
         if not phase.get("resume_only"):
             if phase.get("kill", {}).get("rank") == rank:
@@ -282,6 +290,11 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
             out[f"{label}:removed"] = sorted(r.path for r in io.removals if r.done_at is not None)
             out[f"{label}:saved"] = sorted(r.path for r in io.records if not r.failed)
             out[f"{label}:copies"] = sorted(c.dst for c in io.copies if c.done_at is not None)
+            out[f"{label}:failed"] = sorted(r.path for r in io.failed_saves)
+            out[f"{label}:cancelled"] = sorted(r.path for r in io.removals if r.cancelled)
+            out[f"{label}:stall_vs_save"] = [(r.stall_s, r.save_s) for r in io.records if not r.failed]
+        if phase.get("train_only"):
+            continue
 
         next_group()
         again = S3ModelCheckpoint(dirpath, every_n_train_steps=100, save_top_k=0, save_last=False)

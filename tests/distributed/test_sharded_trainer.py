@@ -25,7 +25,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(
     s3_server: LocalS3Server, workdir: Path, phases: list[dict[str, Any]], returncodes: list[int] | None = None
 ) -> list[dict[str, Any]]:
-    return run_two_ranks("tests.distributed._sharded_ranks", s3_server, workdir, phases, 2 * len(phases), returncodes)
+    from tests.conftest import READER
+
+    return run_two_ranks(
+        "tests.distributed._sharded_ranks",
+        s3_server,
+        workdir,
+        phases,
+        2 * len(phases),
+        returncodes,
+        reader_ak=READER.access_key,
+        reader_sk=READER.secret_key,
+    )
 
 
 def _transport(s3_server: LocalS3Server) -> S3Transport:
@@ -43,8 +54,13 @@ def test_model_parallel_fsdp2_save_topk_last_resume(
     s3_server.create_bucket(bucket)
     sync_dir, async_dir = f"s3://{bucket}/mp", f"s3://{bucket}/mp-async"
     workdir = tmp_path_factory.mktemp("sharded-mp")
+    denied = f"s3://{bucket}/mp-denied"
     phases = [
         {"kind": "mp", "dirpath": sync_dir, "steps": 6, "last": True, "resume": "last"},
+        # Every upload refused (a read-only identity), async, on_save_error="warn": training goes on, each
+        # failed save is recorded on every rank, and no removal runs for a save that did not commit.
+        {"kind": "mp", "label": "denied", "dirpath": denied, "steps": 6, "last": False, "resume": "last"}
+        | {"async": True, "reader": True, "on_save_error": "warn", "train_only": True},
         {
             "kind": "mp",
             "label": "async",
@@ -74,6 +90,16 @@ def test_model_parallel_fsdp2_save_topk_last_resume(
         assert all(any(k.endswith("/meta.pt") for k in e.keys) for e in entries.values())
         assert r0[f"{label}:removed"] == [f"{dirpath}/epoch=0-step=2.ckpt"]
         assert f"{dirpath}/epoch=0-step=6.ckpt" in r0[f"{label}:saved"]
+    # Async: the training step waited for the host copy only, a fraction of each save's time to commit.
+    stalls = per_rank[0]["async:stall_vs_save"]
+    assert stalls and all(stall < save for stall, save in stalls), stalls
+    for rank, r in enumerate(per_rank):
+        assert r["denied:trained"]["step"] == 6, f"rank {rank} stopped: {r['denied:trained']}"
+        assert r["denied:failed"] == [f"{denied}/epoch=0-step={s}.ckpt" for s in (2, 4, 6)], r["denied:failed"]
+        assert r["denied:saved"] == []
+    # Top-k asked to drop step 2 for step 6; that save failed, so the removal was cancelled, not run.
+    assert per_rank[0]["denied:cancelled"] == [f"{denied}/epoch=0-step=2.ckpt"]
+    assert list_checkpoints(t, denied) == []
 
 
 @pytest.mark.timeout(300)
