@@ -31,6 +31,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .errors import S3CheckpointError
+
 __all__ = ["AsyncSaver"]
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,15 @@ class AsyncSaver:
                 self._cond.wait()
         return time.perf_counter() - start
 
-    def submit_save(self, label: str, fn: Callable[[], Any]) -> Future[Any]:
-        """Queue ``fn`` (which must own its data: snapshot first). Raises a stored earlier failure first."""
-        self.raise_if_failed()
+    def submit_save(self, label: str, fn: Callable[[], Any], *, raise_stored: bool = True) -> Future[Any]:
+        """Queue ``fn`` (which must own its data: snapshot first). Raises a stored earlier failure first,
+        unless ``raise_stored`` is off and it is an :class:`S3CheckpointError` (``on_save_error="warn"``: the
+        failed save was recorded and logged when it happened; this one goes ahead)."""
+        try:
+            self.raise_if_failed()
+        except S3CheckpointError:
+            if raise_stored:
+                raise
         self.wait_for_room()
         with self._cond:
             self._seq += 1

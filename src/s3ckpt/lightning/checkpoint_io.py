@@ -215,16 +215,13 @@ class S3CheckpointIO(CheckpointIO):
             done = time.perf_counter() - start
             self._record(SaveRecord(url, stats.bytes, stall, done, time.time(), stats.seconds, queued))
 
-        while True:
-            try:
-                saver.submit_save(url, upload)
-                return
-            except S3CheckpointError:
-                if self.on_save_error == "raise":
-                    if pool is not None:  # never queued: its buffers are free again
-                        pool.release(buffers)
-                    raise
-                # "warn": an earlier background save failed meanwhile (recorded and logged); submit again.
+        try:
+            # "warn": an earlier background save that failed was recorded and logged; this one goes ahead.
+            saver.submit_save(url, upload, raise_stored=self.on_save_error == "raise")
+        except S3CheckpointError:
+            if pool is not None:  # never queued: its buffers are free again
+                pool.release(buffers)
+            raise
 
     @override
     def load_checkpoint(

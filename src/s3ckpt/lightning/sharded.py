@@ -155,14 +155,7 @@ class S3ShardedCheckpoints:
                 SaveRecord(url, _nbytes(staged), stall_end - start, done - start, time.time(), done - began, queued)
             )
 
-        while True:
-            try:
-                saver.submit_save(url, upload)
-                break
-            except S3CheckpointError:
-                if io.on_save_error == "raise":
-                    raise
-                # "warn": an earlier background save failed meanwhile (recorded and logged); submit again.
+        saver.submit_save(url, upload, raise_stored=io.on_save_error == "raise")
         self._replace_file(io, url)
 
     def _replace_file(self, io: S3CheckpointIO, url: str) -> None:
