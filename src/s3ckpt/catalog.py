@@ -152,7 +152,7 @@ def list_checkpoints(
         if logical != key:
             mp_groups[logical].append(obj)
             continue
-        step, epoch = parse_step_epoch(base)
+        step, epoch = parse_step_epoch(key.rsplit("/", 1)[-1])
         entries.append(
             CheckpointEntry(
                 url=build_s3_url(bucket, key),

@@ -83,6 +83,9 @@ def test_model_parallel_fsdp2_save_topk_last_resume(
             assert resumed["weights"] == trained["weights"], f"{label} rank {rank}: other weights"
             assert resumed["optim"] == trained["optim"], f"{label} rank {rank}: other optimizer state"
             assert r[f"{label}:resumed_path"] == f"{dirpath}/last.ckpt"
+        # ckpt_path="last": rank 0 alone listed and chose; rank 1 sent only the ranged GETs of its shards.
+        rank1 = per_rank[1][f"{label}:resume_requests"]
+        assert set(rank1) <= {"GetObject *.distcp"}, rank1
         entries = {e.name: e for e in list_checkpoints(t, dirpath)}
         # top-2 of steps 2, 4, 6 by score: 4 and 6 kept, 2 removed whole (no object left under it).
         assert sorted(entries) == ["epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"], sorted(entries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,16 @@ def test_demo_short_run_passes() -> None:
     assert "rank 0 resolved the resume checkpoint" in out.stdout
     assert "OK: the resumed weights, optimizer state, step and epoch equal the last committed checkpoint." in out.stdout
     assert "deleted by top-k" in out.stdout
+
+    # Issue 18, item 7. A deletion is printed once it happened: nothing printed as deleted before the kill is
+    # still listed after it.
+    before_kill, after_kill = out.stdout.split("[2/3]", 1)
+    listing = after_kill.split("rank 0 resolved the resume checkpoint", 1)[0]
+    listed = {line.split()[0]: line for line in listing.splitlines()[1:] if line.strip()}
+    deleted = re.findall(r"top-k +deleted \S+/(\S+)", before_kill)
+    assert not set(deleted) & set(listed), (deleted, listing)
+    # Resume never goes back past a committed checkpoint: it takes the highest step listed.
+    resumed = re.search(r"rank 0 resolved the resume checkpoint: \S+/(\S+)", out.stdout)
+    assert resumed is not None
+    steps = {name: int(m.group(1)) for name, line in listed.items() if (m := re.search(r"step=(\d+)  committed", line))}
+    assert steps[resumed.group(1)] == max(steps.values()), listing

@@ -47,7 +47,9 @@ def test_newest_last_by_step_then_time(transport: S3Transport, bucket: str) -> N
     run = f"s3://{bucket}/run"
     for step in (10, 30, 20):
         _save(transport, f"{run}/x-step={step}-last.ckpt", step)
-    _save(transport, f"{run}/epoch=0-step=40.ckpt", 40)  # a top-k checkpoint is not a resume candidate
+    # A top-k checkpoint is not a resume candidate (one with a higher step than the last would be taken:
+    # resume never goes back past a committed checkpoint, see test_resume_never_behind.py).
+    _save(transport, f"{run}/epoch=0-step=20.ckpt", 20)
     assert _resolve(transport, run) == f"{run}/x-step=30-last.ckpt"
 
     # Without a step in the name the newer object wins, even when its name sorts first.

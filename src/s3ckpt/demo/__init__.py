@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ def _narrate(event: dict[str, Any]) -> None:
             f"(training stalled {event['stall_s'] * 1000:.0f} ms)",
             flush=True,
         )
-    elif kind == "removed":
+    elif kind == "removed" and (event.get("cancelled") or event.get("done_at")):
+        # Reported once carried out: async, a removal waits for the newer save, and a crash can come first.
         state = "cancelled" if event.get("cancelled") else "deleted"
         print(f"  top-k    {state} {event['path']}", flush=True)
     elif kind == "copied":
@@ -182,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                 for e in entries:
                     mark = "committed" if e.committed else f"UNCOMMITTED ({e.reason})"
                     print(f"  {e.name:32s} {e.size / 1e6:7.1f} MB  step={e.step}  {mark}", flush=True)
-                resume_url = resolve_resume_path(dirpath, transport=transport)
+                with warnings.catch_warnings(record=True) as notes:
+                    warnings.simplefilter("always")
+                    resume_url = resolve_resume_path(dirpath, transport=transport)
                 print(f"  rank 0 resolved the resume checkpoint: {resume_url}", flush=True)
+                for note in notes:  # why it is not last.ckpt, or what it skipped
+                    print(f"    {note.message}", flush=True)
                 t0 = time.perf_counter()
                 expected = ck.load(resume_url, weights_only=False, transport=transport) if resume_url else None
                 load_s = time.perf_counter() - t0
@@ -243,8 +249,9 @@ def _summary(
         print(f"  resume checkpoint        {resume_url} (loaded in {load_s:.2f} s, {rate})")
         print(f"  resumed at               global_step={expected['global_step']} epoch={expected['epoch']}")
     for e in removed:
-        what = "kept (its replacement failed)" if e.get("cancelled") else "deleted by top-k"
-        print(f"  {what:24s} {e['path']}")
+        if e.get("cancelled") or e.get("done_at"):
+            what = "kept (its replacement failed)" if e.get("cancelled") else "deleted by top-k"
+            print(f"  {what:24s} {e['path']}")
     if failures:
         print("\nFAILED:", flush=True)
         for f in failures:

@@ -30,7 +30,7 @@ class Reporter(Callback):
     def __init__(self, io: S3CheckpointIO, state_out: str | None) -> None:
         self.io = io
         self.seen = 0
-        self.removals_seen = 0
+        self.removals_seen: set[int] = set()
         self.copies_seen = 0
         self.state_out = state_out
 
@@ -47,10 +47,12 @@ class Reporter(Callback):
                 committed_at=r.committed_at,
             )
         self.seen = len(records)
-        removals = list(getattr(self.io, "removals", []))
-        for rm in removals[self.removals_seen :]:
-            emit("removed", path=rm.path, requested_at=rm.requested_at, done_at=rm.done_at, cancelled=rm.cancelled)
-        self.removals_seen = len(removals)
+        # Only once carried out (or cancelled): async, a removal waits for the newer save to commit, and a
+        # crash before that leaves the old checkpoint in place; one whose delete failed is never reported.
+        for i, rm in enumerate(list(self.io.removals)):
+            if i not in self.removals_seen and (rm.done_at is not None or rm.cancelled):
+                emit("removed", path=rm.path, requested_at=rm.requested_at, done_at=rm.done_at, cancelled=rm.cancelled)
+                self.removals_seen.add(i)
         copies = list(self.io.copies)
         # In order, and only once finished (done or cancelled): the copy runs after its source commits.
         while self.copies_seen < len(copies):

@@ -40,7 +40,7 @@ from .model_checkpoint import find_s3_checkpoint_io
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["S3CheckpointConnector", "configure_s3_resume"]
+__all__ = ["S3CheckpointConnector", "configure_s3_resume", "install_s3_connector"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class S3CheckpointConnector(_CheckpointConnector):
         super().__init__(trainer)
         self.load_seconds: float | None = None
         self._configured = False
-        self._pending: _Outcome[str | None] | None = None
+        self._pending: _Outcome[Any] | None = None
 
     @override
     def _select_ckpt_path(self, state_fn: Any, ckpt_path: Any, model_provided: bool, model_connected: bool) -> Any:
@@ -106,6 +106,18 @@ class S3CheckpointConnector(_CheckpointConnector):
         return checkpoint_path
 
 
+def install_s3_connector(trainer: pl.Trainer) -> S3CheckpointConnector:
+    """The trainer's :class:`S3CheckpointConnector`, installed in place of Lightning's if needed (keeping a
+    path the user already set with ``trainer.ckpt_path = ...``)."""
+    connector = trainer._checkpoint_connector
+    if not isinstance(connector, S3CheckpointConnector):
+        previous = connector
+        connector = S3CheckpointConnector(trainer)
+        connector._ckpt_path, connector._user_managed = previous._ckpt_path, previous._user_managed
+        trainer._checkpoint_connector = connector
+    return connector
+
+
 def configure_s3_resume(
     trainer: pl.Trainer,
     dirpath: str,
@@ -122,6 +134,9 @@ def configure_s3_resume(
     resumes with no ``ckpt_path`` (``ckpt_path="last"`` means the same and lists nothing more). The rules
     are :func:`s3ckpt.distributed.resolve_resume_path`'s: ``*end.ckpt`` first (an error unless
     ``resume_past_end``), then the newest committed ``*last.ckpt``; unfinished or corrupt ones are skipped.
+    Resume never goes back past a committed checkpoint: where a top-k checkpoint beside ``last.ckpt`` records a
+    higher step (a crash between its save and the ``save_last`` copy), it is chosen instead, with a warning
+    (:func:`s3ckpt.resume.newest_of_run`).
 
     Where the process group already exists (or there is one process), the answer is resolved now and
     errors are raised here. Otherwise (Lightning creates the group inside ``fit``), rank 0 resolves now and
@@ -143,13 +158,7 @@ def configure_s3_resume(
     Raises:
         CheckpointNotFoundError, ResumeError, S3CheckpointError: as ``resolve_resume_path``, when resolved now.
     """
-    connector = trainer._checkpoint_connector
-    if not isinstance(connector, S3CheckpointConnector):
-        previous = connector
-        connector = S3CheckpointConnector(trainer)
-        # Keep a path the user already set with `trainer.ckpt_path = ...`.
-        connector._ckpt_path, connector._user_managed = previous._ckpt_path, previous._user_managed
-        trainer._checkpoint_connector = connector
+    connector = install_s3_connector(trainer)
     if not resume_if_exists:
         return None
     connector._configured = True

@@ -25,6 +25,7 @@ from fsspec.spec import AbstractFileSystem  # type: ignore[import-untyped]
 from typing_extensions import override
 
 from .. import checkpoint as ck
+from ..catalog import DCP_METADATA
 from ..errors import S3NotFoundError
 from ..layout import is_manifest_key
 from ..s3_dirpath_utils import S3_PATH_PREFIX, parse_s3_url
@@ -202,18 +203,26 @@ class S3FileSystem(AbstractFileSystem):  # type: ignore[misc]
 
     @override
     def modified(self, path: Any) -> datetime:
-        """LastModified of the object at ``path``.
+        """LastModified of the object at ``path``; for a committed sharded checkpoint (a
+        ``torch.distributed.checkpoint`` directory such as ``last.ckpt/``), of its ``.metadata``, the commit
+        record written last (so the time it was committed).
 
         Raises:
-            FileNotFoundError: no object at ``path`` (prefixes have no timestamp).
+            FileNotFoundError: no object at ``path`` and no committed sharded checkpoint under it (other
+                prefixes have no timestamp).
         """
         bucket, key = self._split(path)
-        try:
-            stamp = ops.head(self.transport, bucket, key).last_modified if key else None
-        except S3NotFoundError as exc:
-            raise FileNotFoundError(errno.ENOENT, "no such S3 object", self.url(path)) from exc
+        stamp = None
+        for candidate in (key, f"{key}/{DCP_METADATA}") if key else ():
+            try:
+                stamp = ops.head(self.transport, bucket, candidate).last_modified
+                break
+            except S3NotFoundError:
+                continue
         if stamp is None:
-            raise FileNotFoundError(errno.ENOENT, "no object (so no timestamp) at", self.url(path))
+            raise FileNotFoundError(
+                errno.ENOENT, "no object, nor a committed sharded checkpoint (so no timestamp) at", self.url(path)
+            )
         return stamp
 
     # -- changes -----------------------------------------------------------------------------------------

@@ -23,17 +23,22 @@ import logging
 import os
 import re
 import threading
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from ..catalog import list_checkpoints
+from ..distributed import _capture, is_initialized, run_on_rank0
 from ..errors import S3CheckpointError
+from ..resume import newest_of_run
 from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..transport import ops
 from .checkpoint_io import S3CheckpointIO, to_url
 from .fs import S3FileSystem
+from .sharded import s3_plugin_of
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -46,15 +51,13 @@ log = logging.getLogger(__name__)
 
 def find_s3_checkpoint_io(trainer: pl.Trainer) -> S3CheckpointIO | None:
     """The trainer's :class:`S3CheckpointIO`, looking through wrappers such as Lightning's
-    ``AsyncCheckpointIO``; ``None`` if it uses another plugin."""
-    plugin: Any = trainer.strategy.checkpoint_io
-    for _ in range(8):
-        if isinstance(plugin, S3CheckpointIO):
-            return plugin
-        plugin = getattr(plugin, "checkpoint_io", None)
-        if plugin is None:
-            break
-    return None
+    ``AsyncCheckpointIO``, else the one an s3ckpt sharded strategy holds; ``None`` if it uses another plugin."""
+    plugin = s3_plugin_of(trainer.strategy.checkpoint_io)
+    if plugin is not None:
+        return plugin
+    # s3ckpt's sharded strategies carry their own when none was given as a plugin.
+    own = getattr(trainer.strategy, "s3_checkpoint_io", None)
+    return own if isinstance(own, S3CheckpointIO) else None
 
 
 def _normalize_dirpath(dirpath: Any, owner: str) -> str:
@@ -69,17 +72,41 @@ def _normalize_dirpath(dirpath: Any, owner: str) -> str:
     return url.rstrip("/")
 
 
-class _ResolvedS3Path(str):
-    """An ``s3://`` URL found by :meth:`S3ModelCheckpoint._find_last_checkpoints`, carrying the filesystem
-    that listed it, so Lightning's checkpoint connector asks that filesystem for its timestamp."""
+def _warn_rank_zero(message: str) -> None:
+    # Lightning's "last" lookup runs on every rank: each logs its choice, rank 0 alone warns.
+    log.info("%s", message)
+    rank_zero_warn(message)
 
-    fs: S3FileSystem
+
+class _ResolvedS3Path(str):
+    """An ``s3://`` URL found by :meth:`S3ModelCheckpoint._find_last_checkpoints` on global rank 0, carrying
+    what rank 0 learnt of it, so Lightning's checkpoint connector (which asks every rank's filesystem whether
+    the path exists and when it was modified) sends no request from any rank."""
+
+    fs: _Known
 
     @classmethod
-    def of(cls, url: str, fs: S3FileSystem) -> _ResolvedS3Path:
+    def of(cls, url: str, modified: datetime | None) -> _ResolvedS3Path:
         path = cls(url)
-        path.fs = fs
+        path.fs = _Known(modified)
         return path
+
+
+def _parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
+
+
+class _Known:
+    """The filesystem face of one listed checkpoint: it exists, and was modified when the listing said."""
+
+    def __init__(self, modified: datetime | None) -> None:
+        self._modified = modified or datetime.fromtimestamp(0, timezone.utc)
+
+    def exists(self, path: Any) -> bool:
+        return True
+
+    def modified(self, path: Any) -> datetime:
+        return self._modified
 
 
 _hook_lock = threading.Lock()
@@ -188,22 +215,59 @@ class S3ModelCheckpoint(ModelCheckpoint):
 
     @override
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        """``last*.ckpt`` URLs in the checkpoint directory, ``s3://`` kept (Lightning's own lookup runs
-        them through ``os.path.normpath``, which makes ``s3:/bucket/...``)."""
+        """The committed ``last*.ckpt`` checkpoint to resume from, ``s3://`` kept, from one recursive listing.
+
+        Lightning's own lookup lists the directory and runs the names through ``os.path.normpath``, which makes
+        ``s3:/bucket/...``. Here, as in :func:`s3ckpt.resume.find_resume_checkpoint`: a sharded ``last.ckpt/``
+        (a ``torch.distributed.checkpoint`` directory) counts once committed (its ``.metadata`` written), an
+        unfinished one is skipped with a warning; of several, the newest by time is taken (what Lightning's
+        connector would pick); and resume never goes back past a committed checkpoint, so a top-k checkpoint
+        of the same run with a higher step (a crash between its save and the ``last.ckpt`` copy) is returned
+        instead, with a warning (:func:`s3ckpt.resume.newest_of_run`). One URL or none is returned.
+        """
         fs = self._filesystem(trainer)
         self._fs = fs
         dirpath = self._resolve_dirpath(trainer)
-        if not fs.exists(dirpath):
+
+        def find() -> tuple[str, datetime | None] | None:
+            # Model-parallel groups are left out: their logical name has no object, so Lightning cannot load it.
+            entries = [e for e in list_checkpoints(fs.transport, dirpath) if e.kind != "model_parallel"]
+            lasts = [
+                e for e in entries if self._is_last_name(e.name) and e.url.rstrip("/").rsplit("/", 1)[0] == dirpath
+            ]
+            for entry in lasts:
+                if not entry.committed:
+                    rank_zero_warn(f"Not resuming from {entry.url}: not committed ({entry.reason}).")
+            committed = [e for e in lasts if e.committed]
+            if not committed:
+                return None
+            newest = max(committed, key=lambda e: e.last_modified.timestamp() if e.last_modified else 0.0)
+            chosen = newest_of_run(fs.transport, newest, entries, warn=_warn_rank_zero)
+            return chosen.url.rstrip("/"), chosen.last_modified
+
+        # Global rank 0 lists; every rank learns its answer (or its error): thousands of ranks, one LIST.
+        if is_initialized() or trainer.world_size == 1:
+            found = run_on_rank0(find)
+        else:
+            # Lightning resolves "last" before it creates the process group. Rank 0 alone lists now; the
+            # S3CheckpointConnector broadcasts its choice (or its error) to every rank when fit starts loading.
+            from .connector import install_s3_connector
+
+            connector = install_s3_connector(trainer)
+            if trainer.global_rank != 0:
+                return set()
+            outcome = _capture(find)
+            connector._pending = outcome if outcome.error is not None else None
+            found = outcome.value
+        if found is None:
             return set()
-        pattern = rf"^{self.CHECKPOINT_NAME_LAST}(-(\d+))?"
-        found: set[str] = set()
-        for name in fs.ls(dirpath, detail=False):
-            stem, ext = os.path.splitext(str(name).rsplit("/", 1)[-1])
-            if ext == self.FILE_EXTENSION and re.match(pattern, stem):
-                found.add(_ResolvedS3Path.of(fs.unstrip_protocol(name), fs))
-        if found:
-            _install_connector_hook()
-        return found
+        _install_connector_hook()
+        return {_ResolvedS3Path.of(*found)}
+
+    def _is_last_name(self, name: str) -> bool:
+        """Lightning's ``last*.ckpt`` pattern (``last.ckpt``, ``last-v1.ckpt``; a file or a sharded directory)."""
+        stem, ext = os.path.splitext(name)
+        return ext == self.FILE_EXTENSION and bool(re.match(rf"^{self.CHECKPOINT_NAME_LAST}(-(\d+))?", stem))
 
     @override
     def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
