@@ -100,8 +100,10 @@ def test_model_parallel_fsdp2_save_topk_last_resume(
         assert r["denied:trained"]["step"] == 6, f"rank {rank} stopped: {r['denied:trained']}"
         assert r["denied:failed"] == [f"{denied}/epoch=0-step={s}.ckpt" for s in (2, 4, 6)], r["denied:failed"]
         assert r["denied:saved"] == []
-    # Top-k asked to drop step 2 for step 6; that save failed, so the removal was cancelled, not run.
-    assert per_rank[0]["denied:cancelled"] == [f"{denied}/epoch=0-step=2.ckpt"]
+    # No removal ran for a save that did not commit: top-k either forgot the failed saves before it asked
+    # (their failure already known), or asked and the removal was cancelled, depending on upload timing.
+    assert per_rank[0]["denied:removed"] == []
+    assert set(per_rank[0]["denied:cancelled"]) <= {f"{denied}/epoch=0-step={s}.ckpt" for s in (2, 4)}
     assert list_checkpoints(t, denied) == []
 
 
