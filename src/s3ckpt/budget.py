@@ -19,6 +19,16 @@ its 64 MiB parts on a slow connection) is the floor of this model and what you g
 The fix when the budget is exceeded, which the warning names with numbers: larger parts
 (``chunk_size_MB`` / ``read_chunk_size_MB``), lower concurrency, or spread the writers over several
 prefixes with :func:`spread_key`, each of which S3 can serve at the full rate.
+
+A sharded (DCP) save is the same model with every rank a writer: each writing rank streams ``files_per_rank``
+files, each with ``max_write_concurrency`` parts in flight, under the prefix its ``PrefixStrategy`` gives it.
+:func:`check_shard_budget` takes the busiest prefix:
+
+    writes/s = ranks on that prefix x max_write_concurrency x files_per_rank x max(1, connection_MBps / part_MB)
+               x 1.15
+
+and names ``S3StorageWriter(prefix_strategy=NumericPrefixStrategy(n))`` with the ``n`` that fits as the fix.
+``S3StorageWriter`` runs it on the coordinator before any rank writes, when it knows how many ranks write.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ import hashlib
 import logging
 import math
 import warnings
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -38,7 +50,9 @@ __all__ = [
     "S3_READS_PER_PREFIX",
     "S3_WRITES_PER_PREFIX",
     "RequestBudget",
+    "ShardBudget",
     "check_request_budget",
+    "check_shard_budget",
     "spread_key",
     "spread_prefixes",
     "spread_url",
@@ -235,6 +249,157 @@ def _explain(
         f"S3 {kind} budget exceeded: {name}={concurrency}{rate_text} x tp*pp={shards}{readers_text} x headroom "
         f"{headroom:g}{prefix_text} = {total:,.0f} {kind}s/s per prefix, over S3's {limit:,} per prefix; S3 "
         f"would answer 503 SlowDown. Fix: {', or '.join(fixes)}."
+    )
+
+
+@dataclass(frozen=True)
+class ShardBudget:
+    """The write requests per second a sharded save asks of its busiest prefix, against S3's limit."""
+
+    writes: float
+    """Write requests per second on the busiest prefix: ``ranks_on_busiest x max_write_concurrency x
+    files_per_rank x write_rate x headroom``."""
+    ranks: int
+    """Ranks that write files (after DCP's planner dropped replicated items, a rank may write none)."""
+    ranks_on_busiest: int
+    """Writing ranks under the busiest prefix."""
+    busiest_prefix: str
+    """That prefix (``""`` when only a count of ranks was given)."""
+    prefixes: int
+    """Distinct prefixes the writing ranks use."""
+    prefixes_needed: int
+    """The ``n`` of ``NumericPrefixStrategy(n)`` that fits (ranks spread round-robin), or 0 when no number of
+    prefixes can: one rank alone exceeds the limit, or more than 10,000 prefixes would be needed."""
+    write_rate: float = 1.0
+    """Requests per second one write connection sends (``max(1, connection_MBps / part_size_MB)``)."""
+    write_limit: int = S3_WRITES_PER_PREFIX
+
+    @property
+    def ok(self) -> bool:
+        return self.writes <= self.write_limit
+
+
+# NumericPrefixStrategy's largest n; a job that would need more must change other knobs.
+_MAX_PREFIXES = 10_000
+
+
+def check_shard_budget(
+    rank_prefixes: int | Sequence[str],
+    max_write_concurrency: int,
+    *,
+    files_per_rank: int = 1,
+    part_size_MB: float | None = None,
+    strict: bool = False,
+    headroom: float = DEFAULT_HEADROOM,
+    connection_MBps: float = DEFAULT_CONNECTION_MBPS,
+    where: str = "",
+) -> ShardBudget:
+    """Check the write requests per second a sharded save sends to its busiest prefix against 3,500.
+
+    ``ranks on the busiest prefix x max_write_concurrency x files_per_rank x max(1, connection_MBps /
+    part_size_MB) x headroom``: the single-file model (:func:`check_request_budget`) with every writing rank
+    of the save a writer, and ``files_per_rank`` files uploading in parallel on each.
+
+    Args:
+        rank_prefixes: the key prefix each writing rank's files go under (``S3StorageWriter`` passes the
+            checkpoint prefix plus its ``PrefixStrategy``'s folder), or a number of ranks all under one prefix.
+        max_write_concurrency: part uploads in flight per file.
+        files_per_rank: files each rank uploads at once (``S3StorageWriter(files_per_rank=)``).
+        part_size_MB: multipart part size in MiB (``chunk_size_MB``); None for NeMo's floor (one request per
+            connection per second).
+        strict: raise instead of warning.
+        headroom: factor for the requests around the parts (create, complete, the coordinator's HEADs).
+        connection_MBps: throughput of one connection in MiB/s (default 100, AWS's per-connection figure).
+        where: the checkpoint URL, for the message.
+
+    Returns:
+        The rate on the busiest prefix and the number of prefixes that would fit (also when over the limit
+        and ``strict`` is off).
+
+    Raises:
+        ConfigError: an argument is not a positive number, or (``strict``) the rate exceeds the limit; the
+            message names ``S3StorageWriter(prefix_strategy=NumericPrefixStrategy(n))`` with the ``n`` needed.
+    """
+    if isinstance(rank_prefixes, int) and not isinstance(rank_prefixes, bool):
+        counts = Counter({"": _positive("rank_prefixes", rank_prefixes)})
+    elif isinstance(rank_prefixes, Sequence) and not isinstance(rank_prefixes, str | bytes):
+        counts = Counter(str(p) for p in rank_prefixes)
+    else:
+        raise ConfigError(
+            f"check_shard_budget: rank_prefixes must be a number of ranks or a sequence of prefixes, got "
+            f"{rank_prefixes!r}"
+        )
+    concurrency = _positive("max_write_concurrency", max_write_concurrency)
+    files = _positive("files_per_rank", files_per_rank)
+    headroom = _number("headroom", headroom, at_least=1.0)
+    connection_MBps = _number("connection_MBps", connection_MBps)
+    rate = _rate("part_size_MB", part_size_MB, connection_MBps)
+    ranks = sum(counts.values())
+    busiest, on_busiest = counts.most_common(1)[0] if counts else ("", 0)
+    per_rank = concurrency * files * rate * headroom
+    fits = math.floor(S3_WRITES_PER_PREFIX / per_rank)  # ranks one prefix can take
+    needed = math.ceil(ranks / fits) if fits >= 1 and ranks else 0
+    budget = ShardBudget(
+        writes=on_busiest * per_rank,
+        ranks=ranks,
+        ranks_on_busiest=on_busiest,
+        busiest_prefix=busiest,
+        prefixes=len(counts),
+        prefixes_needed=needed if needed <= _MAX_PREFIXES else 0,
+        write_rate=rate,
+    )
+    if budget.ok:
+        return budget
+    message = _explain_shards(budget, concurrency, files, part_size_MB, headroom, connection_MBps, fits, where)
+    if strict:
+        raise ConfigError(message)
+    log.warning("%s", message)
+    warnings.warn(message, UserWarning, stacklevel=2)
+    return budget
+
+
+def _explain_shards(
+    b: ShardBudget,
+    concurrency: int,
+    files: int,
+    size: float | None,
+    headroom: float,
+    connection_MBps: float,
+    fits: int,
+    where: str,
+) -> str:
+    k = b.ranks_on_busiest
+    files_text = f" x files_per_rank={files}" if files > 1 else ""
+    rate_text = (
+        f" x {b.write_rate:.3g} requests/s per connection ({connection_MBps:g} MiB/s / {size:g} MiB parts)"
+        if size
+        else ""
+    )
+    prefix_text = f" under {b.busiest_prefix!r}" if b.busiest_prefix else " under one prefix"
+    fixes = []
+    if b.prefixes_needed:
+        fixes.append(
+            f"spread the rank files over {b.prefixes_needed} prefixes: "
+            f"S3StorageWriter(prefix_strategy=NumericPrefixStrategy({b.prefixes_needed})) "
+            f"(at most {fits} writing ranks per prefix at these settings)"
+        )
+    # Larger parts lower the per-connection rate, down to NeMo's floor of one request per second.
+    if size is not None and b.write_rate > 1.0 and k * concurrency * files * headroom <= b.write_limit:
+        per_conn = b.write_limit / (k * concurrency * files * headroom)
+        fixes.append(f"raise chunk_size_MB to {math.ceil(connection_MBps / per_conn)} (fewer, larger requests)")
+    lower = math.floor(b.write_limit / (k * files * b.write_rate * headroom))
+    if lower >= 1:
+        fixes.append(f"lower max_write_concurrency to {lower}")
+    if files > 1:
+        fixes.append("lower files_per_rank")
+    if not fixes:
+        fixes.append("save from fewer ranks per prefix: even one writer per rank is too much for one prefix")
+    target = f" to {where}" if where else ""
+    return (
+        f"S3 write budget exceeded by a sharded save{target}: {k} writing ranks{prefix_text} x "
+        f"max_write_concurrency={concurrency}{files_text}{rate_text} x headroom {headroom:g} = {b.writes:,.0f} "
+        f"writes/s per prefix, over S3's {b.write_limit:,} per prefix; S3 would answer 503 SlowDown. Fix: "
+        f"{', or '.join(fixes)}."
     )
 
 

@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from s3ckpt import dcp as s3dcp
 from s3ckpt.config import ClientConfig, RetryConfig, TransferConfig
 from s3ckpt.dcp import NumericPrefixStrategy, S3StorageReader, S3StorageWriter
+from s3ckpt.distributed import resolve_resume_path
 from s3ckpt.transport import S3Transport
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,12 +105,27 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - ru
                     os.kill(os.getpid(), signal.SIGKILL)
             return super().resolve_data(write_item)
 
+    def replicated_state(style: str) -> dict[str, Any]:
+        """16 tensors of 64 KiB, replicated: the same full tensors on every rank (``ddp``), or DTensors
+        ``[Replicate(), Shard(0)]`` on a 2 x (ws / 2) mesh (``hsdp``: 2 replicas of each shard)."""
+        g = torch.Generator().manual_seed(17)
+        full = {f"layer{i}.weight": torch.randn(64, 256, generator=g) for i in range(16)}
+        if style == "ddp":
+            return full
+        mesh2 = init_device_mesh("cpu", (2, ws // 2), mesh_dim_names=("replicate", "shard"))
+        return {k: distribute_tensor(v, mesh2, [Replicate(), Shard(0)], src_data_rank=None) for k, v in full.items()}
+
     for op in cfg["ops"]:
-        kind, url, seed, big = op["op"], op["url"], op["seed"], op.get("big_rows", 0)
+        kind, url, seed, big = op["op"], op["url"], op.get("seed", 0), op.get("big_rows", 0)
         strategy = NumericPrefixStrategy(op["prefixes"]) if op.get("prefixes") else None
         start = time.perf_counter()
         wire.take()
-        if kind in ("save", "async_save", "kill_save"):
+        extra: dict[str, Any] = {}
+        if kind == "resolve":  # resume discovery on a directory of sharded checkpoints
+            extra["path"] = resolve_resume_path(url, transport=t)
+        elif kind == "save_replicated":
+            s3dcp.save(replicated_state(op["style"]), url, transport=t)
+        elif kind in ("save", "async_save", "kill_save"):
             writer = S3StorageWriter(url, transport=t, prefix_strategy=strategy)
             state = state_for(seed, big, empty=False)
             if kind == "async_save":
@@ -132,7 +148,9 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - ru
         took = round(time.perf_counter() - start, 3)
         print(
             RESULT_TAG
-            + json.dumps({"op": kind, "url": url, "via": op.get("via", "reader"), "s": took, "requests": wire.take()}),
+            + json.dumps(
+                {"op": kind, "url": url, "via": op.get("via", "reader"), "s": took, "requests": wire.take(), **extra}
+            ),
             flush=True,
         )
     dist.barrier()

@@ -40,10 +40,12 @@ def dcp_bucket(s3_server: Any) -> str:
 
 @pytest.fixture(scope="module")
 def saved_by_4(s3_server: Any, dcp_bucket: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Three checkpoints saved by 4 ranks (flat, prefix strategy, async_save), each loaded back by the 4."""
+    """Three checkpoints saved by 4 ranks (flat, prefix strategy, async_save), each loaded back by the 4; then
+    resume discovery on a directory holding a sharded ``*last`` checkpoint, and two saves of replicated state."""
     base = f"s3://{dcp_bucket}/run4"
     urls = {"flat": f"{base}/step-1", "prefixed": f"{base}/step-2", "async": f"{base}/step-3"}
-    plan = [
+    urls.update(resume=f"s3://{dcp_bucket}/resume4/step=4-last", ddp=f"{base}-ddp", hsdp=f"{base}-hsdp")
+    plan: list[dict[str, Any]] = [
         {"op": "save", "url": urls["flat"], "seed": 1, "big_rows": BIG_ROWS},
         {"op": "save", "url": urls["prefixed"], "seed": 2, "prefixes": 3},
         {"op": "async_save", "url": urls["async"], "seed": 3},
@@ -51,6 +53,10 @@ def saved_by_4(s3_server: Any, dcp_bucket: str, tmp_path_factory: pytest.TempPat
         {"op": "load", "url": urls["prefixed"], "seed": 2},
         {"op": "load", "url": urls["async"], "seed": 3},
         {"op": "load", "url": urls["prefixed"], "seed": 2, "via": "wrapper"},
+        {"op": "save", "url": urls["resume"], "seed": 4},
+        {"op": "resolve", "url": urls["resume"].rsplit("/", 1)[0]},
+        {"op": "save_replicated", "url": urls["ddp"], "style": "ddp"},
+        {"op": "save_replicated", "url": urls["hsdp"], "style": "hsdp"},
     ]
     return {"urls": urls, "results": run_ranks(s3_server, 4, plan, tmp_path_factory.mktemp("ranks4"))}
 
@@ -98,7 +104,7 @@ def _load_full(url: str, seed: int, t: S3Transport, big_rows: int = 0, **reader:
 @pytest.mark.timeout(240)
 def test_save_and_load_4_ranks(saved_by_4: dict[str, Any], t: S3Transport) -> None:
     urls = saved_by_4["urls"]
-    assert len(saved_by_4["results"]) == 4 and all(len(r) == 7 for r in saved_by_4["results"])
+    assert len(saved_by_4["results"]) == 4 and all(len(r) == 11 for r in saved_by_4["results"])
     flat = _keys(t, urls["flat"])
     assert flat == [".metadata", ".metadata.s3ckpt.json", *[f"__{r}_0.distcp" for r in range(4)]]
     bucket, key = urls["flat"][5:].split("/", 1)
@@ -127,6 +133,38 @@ def test_metadata_requests_do_not_grow_with_ranks(saved_by_4: dict[str, Any]) ->
     for rank, counts in enumerate(shared[1:], start=1):
         assert set(counts) <= {"GetObject *.distcp"}, f"rank {rank} sent {counts}"
     assert not any("ListObjectsV2" in c or "HeadObject .metadata" in c for c in shared), shared
+
+
+@pytest.mark.timeout(240)
+def test_resume_discovery_of_sharded_checkpoints_lists_on_rank0_only(saved_by_4: dict[str, Any]) -> None:
+    """``resolve_resume_path`` on a directory of sharded checkpoints: one LIST, from rank 0 alone (a sharded
+    candidate is committed by the ``.metadata`` the listing shows, so no HEAD), the path broadcast to all 4."""
+    resolved = [next(r for r in rs if r["op"] == "resolve") for rs in saved_by_4["results"]]
+    assert [r["path"].rstrip("/") for r in resolved] == [saved_by_4["urls"]["resume"]] * 4
+    assert resolved[0]["requests"] == {"ListObjectsV2": 1}, resolved[0]
+    assert [r["requests"] for r in resolved[1:]] == [{}, {}, {}], "non-zero ranks send no request to find it"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("style", ["ddp", "hsdp"])
+def test_replicated_state_is_uploaded_once_and_spread(saved_by_4: dict[str, Any], t: S3Transport, style: str) -> None:
+    """Replicated state saved by 4 ranks (``ddp``: the same full tensors on every rank; ``hsdp``: DTensors
+    ``[Replicate(), Shard(0)]`` on a 2 x 2 mesh) is uploaded once, not once per replica (DCP's planner drops the
+    duplicates and the writer keeps that), and the upload work is shared: every rank writes about a quarter."""
+    url = saved_by_4["urls"][style]
+    bucket, key = url[len("s3://") :].split("/", 1)
+    manifest = json.loads(ops.get_bytes(t, bucket, key + "/.metadata.s3ckpt.json"))
+    per_rank = {int(name.split("_")[2]): record["size"] for name, record in manifest["files"].items()}
+    model = 16 * 64 * 256 * 4  # 16 fp32 tensors of 64 x 256: 1 MiB, held 4 times (ddp) or twice (hsdp)
+    total = sum(per_rank.values())
+    assert model < total < 1.1 * model, f"{total} bytes uploaded for a {model}-byte model: {per_rank}"
+    assert sorted(per_rank) == [0, 1, 2, 3], f"every replica takes part: {per_rank}"
+    assert max(per_rank.values()) < 0.3 * total, f"no rank writes it all: {per_rank}"
+    g = torch.Generator().manual_seed(17)
+    expected = {f"layer{i}.weight": torch.randn(64, 256, generator=g) for i in range(16)}
+    state = {k: torch.zeros_like(v) for k, v in expected.items()}
+    s3dcp.load(state, url, transport=t, no_dist=True)
+    assert all(torch.equal(state[k], v) for k, v in expected.items()), "the deduplicated checkpoint is whole"
 
 
 @pytest.mark.timeout(240)

@@ -169,3 +169,128 @@ def test_checkpoint_io_defaults_and_nemo_knobs_verbatim() -> None:
     t = nemo.transport.transfer
     assert (t.chunk_size_MB, t.max_write_concurrency, t.max_read_concurrency) == (64, 10, 15)
     assert S3CheckpointIO("s3://bucket/r", async_checkpointing=True)._saver.max_pending == 2  # type: ignore[union-attr]
+
+
+# -- sharded saves: every writing rank a writer, the busiest prefix against 3,500 writes/s ------------------------
+
+
+def test_shard_budget_math_at_the_defaults() -> None:
+    """4 writers x 6.25 parts/s (16 MiB at 100 MiB/s) x 1.15 = 28.75 writes/s per rank: 121 ranks fit one
+    prefix (3,478.75/s), 122 do not, and two prefixes take them."""
+    from s3ckpt.budget import check_shard_budget
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fits = check_shard_budget(121, 4, part_size_MB=16)
+    assert fits.ok and fits.writes == pytest.approx(121 * 4 * 6.25 * 1.15) and fits.prefixes_needed == 1
+    with pytest.warns(UserWarning, match="NumericPrefixStrategy\\(2\\)"):
+        over = check_shard_budget(122, 4, part_size_MB=16)
+    assert not over.ok and over.writes == pytest.approx(3507.5) and over.prefixes_needed == 2
+    assert (over.ranks, over.ranks_on_busiest, over.prefixes, over.write_rate) == (122, 122, 1, 6.25)
+
+
+def test_shard_budget_takes_the_busiest_prefix() -> None:
+    """Ranks spread round-robin over ``__shard{r % n}``: the busiest prefix holds ceil(ranks / n) of them."""
+    from s3ckpt.budget import check_shard_budget
+
+    prefixes = [f"run/step-1/__shard{r % 5}" for r in range(512)]
+    spread = check_shard_budget(prefixes, 4, part_size_MB=16, strict=True)
+    assert spread.ok and (spread.ranks, spread.prefixes, spread.ranks_on_busiest) == (512, 5, 103)
+    assert spread.busiest_prefix == "run/step-1/__shard0"
+    assert spread.writes == pytest.approx(103 * 28.75)
+    # Uneven: one prefix holding most ranks decides, whatever the others hold.
+    lopsided = ["a/"] * 130 + [f"b{i}/" for i in range(50)]
+    with pytest.warns(UserWarning, match="130 writing ranks under 'a/'"):
+        assert not check_shard_budget(lopsided, 4, part_size_MB=16).ok
+    assert check_shard_budget([], 4, part_size_MB=16).ok, "no rank writes (all its items deduplicated away)"
+
+
+def test_shard_budget_message_names_the_prefix_strategy_and_numbers(caplog: pytest.LogCaptureFixture) -> None:
+    from s3ckpt.budget import check_shard_budget
+
+    with caplog.at_level(logging.WARNING, logger="s3ckpt.budget"), pytest.warns(UserWarning) as record:
+        budget = check_shard_budget(512, 4, part_size_MB=16, where="s3://b/run/step-1/")
+    text = str(record[0].message)
+    assert "sharded save to s3://b/run/step-1/: 512 writing ranks under one prefix" in text
+    assert "max_write_concurrency=4 x 6.25 requests/s per connection (100 MiB/s / 16 MiB parts)" in text
+    assert "14,720 writes/s per prefix, over S3's 3,500" in text
+    assert "S3StorageWriter(prefix_strategy=NumericPrefixStrategy(5))" in text and "at most 121 writing" in text
+    assert budget.prefixes_needed == 5 and "S3 write budget exceeded by a sharded save" in caplog.text
+    # Larger parts are offered since one request per connection per second fits (512 x 4 x 1.15 = 2,355/s):
+    # 68 MiB parts give 512 x 4 x 100/68 x 1.15 = 3,463/s. Even one writer per rank (512 x 6.25 x 1.15) does not.
+    assert "raise chunk_size_MB to 68" in text and "lower max_write_concurrency" not in text
+
+
+def test_shard_budget_files_per_rank_and_strict() -> None:
+    from s3ckpt.budget import check_shard_budget
+
+    one = check_shard_budget(10, 8, part_size_MB=8)
+    four = check_shard_budget(10, 8, files_per_rank=4, part_size_MB=8, strict=False)
+    assert four.writes == pytest.approx(4 * one.writes) == pytest.approx(10 * 8 * 4 * 12.5 * 1.15)
+    with pytest.raises(ConfigError, match=r"x files_per_rank=4 .* or lower files_per_rank"):
+        check_shard_budget(100, 8, files_per_rank=4, part_size_MB=8, strict=True)
+    # Without a part size: NeMo's floor, one request per connection per second.
+    assert check_shard_budget(100, 8).writes == pytest.approx(100 * 8 * 1.15)
+
+
+def test_shard_budget_when_no_number_of_prefixes_fits() -> None:
+    """One rank alone over the limit (1,000 writers of 5 MiB parts: 23,000/s): spreading ranks cannot help, so
+    the message offers the other knobs only."""
+    from s3ckpt.budget import check_shard_budget
+
+    with pytest.raises(ConfigError) as caught:
+        check_shard_budget(1, 1000, part_size_MB=5, strict=True)
+    text = str(caught.value)
+    assert "NumericPrefixStrategy" not in text and "lower max_write_concurrency to 152" in text
+    with pytest.warns(UserWarning):
+        assert check_shard_budget(1, 1000, part_size_MB=5).prefixes_needed == 0
+    with pytest.warns(UserWarning):  # 10,001 prefixes would be needed: more than NumericPrefixStrategy takes
+        assert check_shard_budget(10_001 * 121, 4, part_size_MB=16).prefixes_needed == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "name"),
+    [
+        ((0, 4), {}, "rank_prefixes"),
+        ((True, 4), {}, "rank_prefixes"),
+        (("run/", 4), {}, "rank_prefixes"),
+        ((8, 0), {}, "max_write_concurrency"),
+        ((8, 4), {"files_per_rank": 0}, "files_per_rank"),
+        ((8, 4), {"part_size_MB": 0}, "part_size_MB"),
+        ((8, 4), {"headroom": 0.9}, "headroom"),
+    ],
+)
+def test_shard_budget_rejects_bad_arguments(args: tuple[object, ...], kwargs: dict[str, float], name: str) -> None:
+    from s3ckpt.budget import check_shard_budget
+
+    with pytest.raises(ConfigError, match=name):
+        check_shard_budget(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_storage_writer_checks_the_shard_budget_before_any_request() -> None:
+    """The coordinator checks in ``prepare_global_plan``, before it clears the prefix: with
+    ``strict_request_budget=True`` the save fails with the fix in the message and no request is sent (the
+    endpoint here accepts no connection)."""
+    import torch
+
+    from s3ckpt import dcp as s3dcp
+    from s3ckpt.config import ClientConfig, RetryConfig, TransferConfig
+    from s3ckpt.transport import S3Transport
+
+    t = S3Transport.create(
+        client=ClientConfig(endpoint_url="http://127.0.0.1:9", access_key_id="k", secret_access_key="s"),
+        retry=RetryConfig(max_attempts=1, deadline_s=5),
+        transfer=TransferConfig(chunk_size_MB=5, max_write_concurrency=200),
+    )
+    state = {"w": torch.zeros(4)}
+    with pytest.raises(ConfigError, match=r"1 writing ranks under 'run/step-1/__shard0' x max_write_concurrency=200"):
+        s3dcp.save(
+            state,
+            "s3://bkt/run/step-1",
+            transport=t,
+            no_dist=True,
+            strict_request_budget=True,
+            prefix_strategy=s3dcp.NumericPrefixStrategy(2),
+        )
+    writer = s3dcp.S3StorageWriter("s3://bkt/run/step-1", transport=t)
+    assert writer.strict_request_budget is False and writer.request_budget is None
