@@ -7,8 +7,13 @@ each CRC-32. Asked not to compute them, it writes 0 in both places. :class:`ZipC
 and a :class:`TappableSink` (the streaming upload): it follows the zip structure as the writes go by, has the
 sink hand back each record's data just after copying it into a part buffer, computes the CRC-32 there with
 zlib (the bytes are still in the CPU cache: about a third of torch's cost), and writes it into the data
-descriptor and the central directory entry as they pass. The result is byte for byte what ``torch.save``
-writes with its own CRC-32.
+descriptor and the central directory entry as they pass.
+
+One record's content depends on those CRC-32s too: torch's writer ends the archive with
+``.data/serialization_id``, 40 decimal digits: 20 for a hash of the record names, then 20 for
+``c10::hash_combine`` over the CRC-32 in every data descriptor written before it (zeros when it computed none).
+The filler redoes that combination with the CRC-32s it filled in and writes the digits torch would have, so
+the result is byte for byte what ``torch.save`` writes, ``.data/serialization_id`` included.
 
 Knows the zip format, not torch and not S3. It checks the stream as it goes (each descriptor's sizes against
 the data seen, each central directory entry against the records seen) and raises :class:`ZipLayoutError` on
@@ -19,11 +24,14 @@ understand fails instead of being stored with a wrong CRC-32.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import zlib
 from typing import Any, Protocol
 
 __all__ = ["BytesSink", "TappableSink", "ZipCrcFiller", "ZipLayoutError"]
+
+log = logging.getLogger(__name__)
 
 _LOCAL = b"PK\x03\x04"
 _DESCRIPTOR = b"PK\x07\x08"
@@ -37,6 +45,10 @@ _HAS_DESCRIPTOR = 0x0008
 _ENCRYPTED = 0x0001
 _U32_MAX = 0xFFFFFFFF
 _ZIP64_EXTRA_ID = 0x0001
+_U64_MASK = (1 << 64) - 1
+# torch's kSerializationIdRecordName, under the archive's folder; its content is two 20-digit numbers
+_SERIALIZATION_ID_SUFFIX = b"/.data/serialization_id"
+_ID_PART_DIGITS = 20
 
 
 class ZipLayoutError(ValueError):
@@ -93,6 +105,11 @@ class ZipCrcFiller(io.RawIOBase):
         self._crc = 0
         self._records: dict[int, tuple[int, int]] = {}  # local header offset -> (CRC-32, size)
         self._central_entries = 0
+        # torch's combined_uncomp_crc32_ as its CRC-less writer computes it (descriptors holding 0), and as
+        # torch.save computes it (the CRC-32s filled in): see _fix_serialization_id.
+        self._id_crc_hash_seen = 0
+        self._id_crc_hash_filled = 0
+        self._in_serialization_id = False
         self.error: ZipLayoutError | None = None  # the first error raised (torch replaces it with its own)
 
     @property
@@ -130,7 +147,16 @@ class ZipCrcFiller(io.RawIOBase):
 
     def _write(self, view: memoryview) -> int:
         total = len(view)
+        if self._expect != "descriptor" and total >= 8 and view[:4] == _DESCRIPTOR:
+            # torch's writer takes *any* write() that starts like a data descriptor for one and combines its
+            # bytes 4-8 into the serialization id; record data can start so (the descriptors themselves are
+            # combined in _fill_descriptor, with their filled-in CRC-32).
+            value = int.from_bytes(view[4:8], "little")
+            self._id_crc_hash_seen = _hash_combine(self._id_crc_hash_seen, value)
+            self._id_crc_hash_filled = _hash_combine(self._id_crc_hash_filled, value)
         if self._expect == "data":
+            if self._in_serialization_id:
+                view = self._fix_serialization_id(view)
             if self._tap:
                 self._sink.write(view, tap=self._update_crc)
             else:
@@ -206,6 +232,8 @@ class ZipCrcFiller(io.RawIOBase):
         if flags & _ENCRYPTED or method != 0:
             raise self._fail(f"zip record at offset {self._offset}: flags {flags:#x}, method {method}")
         self._record_at = self._offset
+        name_len = struct.unpack_from("<H", head, 26)[0]
+        self._in_serialization_id = head[_LOCAL_FIXED : _LOCAL_FIXED + name_len].endswith(_SERIALIZATION_ID_SUFFIX)
         self._emit_pending()
         if flags & _HAS_DESCRIPTOR:
             self._crc = 0
@@ -225,10 +253,35 @@ class ZipCrcFiller(io.RawIOBase):
                 f"zip data descriptor at offset {self._offset} gives {csize} bytes; {self._data_len} were written"
             )
         crc = self._crc & _U32_MAX
+        self._id_crc_hash_seen = _hash_combine(self._id_crc_hash_seen, struct.unpack_from("<I", desc, 4)[0])
+        self._id_crc_hash_filled = _hash_combine(self._id_crc_hash_filled, crc)
         struct.pack_into("<I", desc, 4, crc)
         self._records[self._record_at] = (crc, self._data_len)
         self._pass(desc)
         self._expect = "record"
+
+    def _fix_serialization_id(self, view: memoryview) -> memoryview:
+        """``.data/serialization_id`` with its CRC part computed from the filled-in CRC-32s.
+
+        torch (``PyTorchStreamWriter::writeSerializationId``) writes ``%020u%020u`` of the combined hash of
+        the record names (no CRC-32 in it, kept as it is) and the combined CRC-32s. The second number is
+        replaced only where it is exactly what torch combined from the descriptors as they reached the filler:
+        a record in any other shape (another torch version) is passed on unchanged.
+        """
+        text = bytes(view[: 2 * _ID_PART_DIGITS + 1])
+        seen = b"%0*d" % (_ID_PART_DIGITS, self._id_crc_hash_seen)
+        if len(text) != 2 * _ID_PART_DIGITS or not text.isdigit() or text[_ID_PART_DIGITS:] != seen:
+            log.debug(
+                "s3ckpt: the %d-byte serialization id at offset %d (%r) is not the 40 digits expected "
+                "(CRC part %s); left as it is",
+                len(view),
+                self._offset,
+                text,
+                seen.decode(),
+            )
+            return view
+        filled = b"%0*d" % (_ID_PART_DIGITS, self._id_crc_hash_filled)
+        return memoryview(text[:_ID_PART_DIGITS] + filled)
 
     def _fill_central(self, head: bytes) -> None:
         csize, usize, name_len, extra_len = struct.unpack_from("<IIHH", head, 20)
@@ -248,6 +301,11 @@ class ZipCrcFiller(io.RawIOBase):
         self._pending[16:20] = struct.pack("<I", record[0])
         self._central_entries += 1
         self._emit_pending()
+
+
+def _hash_combine(seed: int, value: int) -> int:
+    """``c10::hash_combine`` (Boost's) on 64-bit ``size_t``, wrapping as C++ does."""
+    return (seed ^ ((value + 0x9E3779B9 + (seed << 6) + (seed >> 2)) & _U64_MASK)) & _U64_MASK
 
 
 def _zip64_values(extra: bytes) -> list[int]:
