@@ -38,7 +38,7 @@ from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from ..transport import ops
 from .checkpoint_io import S3CheckpointIO, to_url
 from .fs import S3FileSystem
-from .sharded import s3_plugin_of
+from .sharded import UNSET_DIRPATH, s3_plugin_of
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -197,10 +197,10 @@ class S3ModelCheckpoint(ModelCheckpoint):
         if self.dirpath is not None:
             return _normalize_dirpath(self.dirpath, type(self).__name__)
         plugin = find_s3_checkpoint_io(trainer)
-        if plugin is None:
+        if plugin is None or plugin.dirpath == UNSET_DIRPATH:
             raise ValueError(
-                f"{type(self).__name__} has no dirpath: pass dirpath='s3://bucket/prefix' or use "
-                "Trainer(plugins=[S3CheckpointIO(dirpath=...)])"
+                f"{type(self).__name__} has no dirpath: pass dirpath='s3://bucket/prefix', use "
+                "Trainer(plugins=[S3CheckpointIO(dirpath=...)]), or give s3ckpt's strategy dirpath=..."
             )
         return _normalize_dirpath(plugin.dirpath, type(self).__name__)
 

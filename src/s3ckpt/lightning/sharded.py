@@ -29,9 +29,20 @@ from ..s3_dirpath_utils import is_s3_url, parse_s3_url
 from .checkpoint_io import S3CheckpointIO
 from .records import SaveRecord
 
-__all__ = ["S3ShardedCheckpoints", "local_broadcast", "s3_plugin_of", "s3_url_of", "weights_only_kwargs"]
+__all__ = [
+    "UNSET_DIRPATH",
+    "S3ShardedCheckpoints",
+    "local_broadcast",
+    "s3_plugin_of",
+    "s3_url_of",
+    "weights_only_kwargs",
+]
 
 log = logging.getLogger(__name__)
+
+
+UNSET_DIRPATH = "s3://s3ckpt-dirpath-unset"
+"""The ``dirpath`` of a plugin a strategy built before it saw a checkpoint path (only for validation)."""
 
 
 def weights_only_kwargs(weights_only: bool | None) -> dict[str, bool]:
@@ -101,8 +112,7 @@ class S3ShardedCheckpoints:
             options = dict(self._options)
             dirpath = options.pop("dirpath", None)
             if dirpath is None:
-                bucket = parse_s3_url(url)[0] if url else "s3ckpt-dirpath-unset"
-                dirpath = f"s3://{bucket}"
+                dirpath = f"s3://{parse_s3_url(url)[0]}" if url else UNSET_DIRPATH
             self._io = S3CheckpointIO(dirpath, **options)
         return self._io
 
