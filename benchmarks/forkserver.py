@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -45,9 +45,14 @@ PREIMPORT = (
 )
 
 
-def serve(run: Callable[[list[str]], int], stdin: IO[str] = sys.stdin, stdout: IO[str] = sys.stdout) -> int:
+def serve(
+    run: Callable[[list[str]], int],
+    stdin: IO[str] = sys.stdin,
+    stdout: IO[str] = sys.stdout,
+    preimport: Sequence[str] = PREIMPORT,
+) -> int:
     """The server loop: for each spec path read, fork a child that calls ``run([path])`` and exits."""
-    for name in PREIMPORT:
+    for name in preimport:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     stdout.write("ready\n")
@@ -73,13 +78,16 @@ def serve(run: Callable[[list[str]], int], stdin: IO[str] = sys.stdin, stdout: I
 
 
 class ForkServer:
-    """The orchestrator's side: start ``python -m benchmarks.methods --serve`` and run specs through it."""
+    """The orchestrator's side: start ``python -m <module> --serve`` and run specs through it (``module``:
+    :mod:`benchmarks.methods`, or :mod:`benchmarks.sharded_worker`, whose child forks the ranks)."""
 
-    def __init__(self, python: str, cwd: Path, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, python: str, cwd: Path, env: dict[str, str], log_path: Path, module: str = "benchmarks.methods"
+    ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [python, "-m", "benchmarks.methods", "--serve"],
+            [python, "-m", module, "--serve"],
             cwd=cwd,
             env=env,
             stdin=subprocess.PIPE,

@@ -11,6 +11,12 @@ defaults. Writes ``benchmarks/results/<name>.json`` and ``.png`` and prints the 
     python -m benchmarks.run --sweep                  # the defaults sweep first (512 MiB, confirmations at 1 GiB)
     python -m benchmarks.run --quick                  # 64 MiB, 1 run, no peers venv: a smoke test
     python -m benchmarks.run --size 1GiB --methods s3ckpt,raw --runs 5 --name big
+    python -m benchmarks.run --sharded                # sharded (DCP): 512 MiB and 1 GiB, 1/2/4 ranks, 5 rounds
+    python -m benchmarks.run --sharded --sizes 64MiB --ranks 1,2 --rounds 1   # a short sharded run
+
+``--sharded`` runs :mod:`benchmarks.sharded_run` instead: s3ckpt's DCP writer and reader against
+s3torchconnector's and PyTorch's fsspec ones at several rank counts, beside s3ckpt's single-file save and the
+raw PUT / GET of the same bytes (``results/sharded.json`` and ``.png``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from typing import Any
 from . import report
 from .forkserver import ForkServer
 from .peers import PeerEnv, ensure_peers, peer_no_deps, peer_requirements
+from .sharded import PEER_DCP as SHARDED_PEERS
+from .sharded import SHARDED_METHODS
 from .stats import GB, MiB, Record, derived_ratios, fmt_size, median, parse_size, summarize
 from .workload import state_bytes
 
@@ -351,8 +359,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="s3ckpt bench", description=__doc__.splitlines()[0])
     p.add_argument("--size", default=None, help="state dict size, e.g. 256MiB, 1GiB (default 512MiB; --quick 64MiB)")
     p.add_argument("--quick", action="store_true", help="small size, 1 run each, no peers venv, no async run")
-    p.add_argument("--runs", type=int, default=None, help="rounds of every method (median and min; default 5)")
-    p.add_argument("--methods", default=None, help=f"comma-separated, or 'all': {','.join(ALL_METHODS)}")
+    p.add_argument(
+        "--runs", "--rounds", type=int, default=None, help="rounds of every method (median and min; default 5)"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated, or 'all': {','.join(ALL_METHODS)}; with --sharded: {','.join(SHARDED_METHODS)}",
+    )
+    p.add_argument(
+        "--sharded",
+        action="store_true",
+        help="the sharded (DCP) benchmark instead: DCP writers and readers at --ranks, beside the single-file save",
+    )
+    p.add_argument("--sizes", default=None, help="--sharded: total state sizes (default 512MiB,1GiB; --quick 64MiB)")
+    p.add_argument("--ranks", default=None, help="--sharded: rank counts (default 1,2,4; --quick 1,2)")
     p.add_argument("--name", default=None, help="results/<name>.json and .png (default 'latest'; --quick 'quick')")
     p.add_argument("--sweep", action="store_true", help="first sweep part size x concurrency (the defaults' table)")
     p.add_argument("--sweep-size", default=None, help="state size of the sweep (default 512MiB; --quick 64MiB)")
@@ -377,6 +398,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--spawn", action="store_true", help="a new interpreter per measurement, not a forked child")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     args = p.parse_args(argv)
+    args.size_given = args.size is not None
     args.size = parse_size(args.size or ("64MiB" if args.quick else "512MiB"))
     args.runs = args.runs or (1 if args.quick else 5)
     args.sweep_runs = args.sweep_runs or (1 if args.quick else 2)
@@ -397,6 +419,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         for c in ints["sweep_readers"]
     ]
     args.run_async = not (args.no_async or args.quick)
+    if args.sharded:
+        return _sharded_args(p, args)
     args.name = args.name or ("quick" if args.quick else "latest")
     if args.methods in (None, ""):
         args.methods = list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
@@ -412,11 +436,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _sharded_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The --sharded defaults and checks: sizes, rank counts, methods, name."""
+    if args.sizes:
+        args.sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
+    elif args.size_given:  # --size alone: that one size
+        args.sizes = [args.size]
+    else:
+        args.sizes = [64 * MiB] if args.quick else [512 * MiB, 1024 * MiB]
+    args.ranks = [int(x) for x in (args.ranks or ("1,2" if args.quick else "1,2,4")).split(",") if x.strip()]
+    if not args.sizes or not args.ranks or min(args.ranks) < 1:
+        p.error("--sizes and --ranks need at least one value each; rank counts start at 1")
+    args.name = args.name or ("sharded-quick" if args.quick else "sharded")
+    if args.methods in (None, "", "all"):
+        quick = [m for m in SHARDED_METHODS if m not in SHARDED_PEERS]
+        args.methods = quick if args.quick and args.methods != "all" else list(SHARDED_METHODS)
+    else:
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(args.methods) - set(SHARDED_METHODS))
+        if unknown:
+            p.error(f"unknown sharded method(s) {unknown}; known: {', '.join(SHARDED_METHODS)}")
+    args.run_async = False
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when it completed (a peer that could not run is recorded, not fatal)."""
     from . import bench_server  # boto3 and the server only when benchmarking, not for --help or the tests
 
     args = parse_args(argv)
+    if args.sharded:
+        from .sharded_run import main_sharded
+
+        return main_sharded(args)
     started = time.time()
     size, methods = args.size, args.methods
     nbytes = state_bytes(size)
