@@ -107,19 +107,31 @@ class Bench:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3CKPT_"))}
         self.forks: dict[str, ForkServer] = forks if forks is not None else {}
 
-    def _run(self, python: str, spec_path: Path, timeout: float) -> str | None:
-        """Run one spec in a fresh process; return an error if no result can be expected."""
+    def _run(
+        self,
+        python: str,
+        spec_path: Path,
+        timeout: float,
+        *,
+        module: str = "benchmarks.methods",
+        forks: dict[str, ForkServer] | None = None,
+        log_name: str = "forkserver",
+    ) -> str | None:
+        """Run one spec in a fresh process of ``module`` (a fork of its server, or spawned with ``--spawn``);
+        return an error if no result can be expected. ``forks``: the servers of ``module`` (default: this
+        bench's own, of ``benchmarks.methods``)."""
         if self.args.spawn:
-            cmd = [python, "-m", "benchmarks.methods", str(spec_path)]
+            cmd = [python, "-m", module, str(spec_path)]
             try:
                 proc = subprocess.run(cmd, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
                 return f"timed out after {timeout:.0f} s"
             return None if proc.returncode in (0, 3) else f"worker exited {proc.returncode}: {proc.stderr[-400:]}"
-        fork = self.forks.get(python)
+        servers = self.forks if forks is None else forks
+        fork = servers.get(python)
         if fork is None:
-            log = self.workdir / f"forkserver-{len(self.forks)}.log"
-            fork = self.forks[python] = ForkServer(python, REPO_ROOT, self.env, log)
+            log = self.workdir / f"{log_name}-{len(servers)}.log"
+            fork = servers[python] = ForkServer(python, REPO_ROOT, self.env, log, module=module)
         status, killed = fork.run(spec_path, timeout)
         if killed:
             return f"timed out after {timeout:.0f} s"

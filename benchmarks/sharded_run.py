@@ -28,7 +28,7 @@ from typing import Any
 from . import report
 from .forkserver import ForkServer
 from .peers import PeerEnv, ensure_peers, peer_no_deps, peer_requirements
-from .run import _SEQ, BUCKET, FIXED_SETTINGS, REPO_ROOT, Bench, _log
+from .run import _SEQ, BUCKET, FIXED_SETTINGS, Bench, _log
 from .sharded import (
     BASELINES,
     DCP_METHODS,
@@ -123,26 +123,9 @@ class ShardedBench:
         return result
 
     def _run(self, python: str, spec_path: Path, timeout: float) -> str | None:
-        b = self.bench
-        if b.args.spawn:
-            import subprocess
-
-            cmd = [python, "-m", "benchmarks.sharded_worker", str(spec_path)]
-            try:
-                proc = subprocess.run(cmd, cwd=REPO_ROOT, env=b.env, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return f"timed out after {timeout:.0f} s"
-            return None if proc.returncode in (0, 3) else f"exited {proc.returncode}: {proc.stderr[-400:]}"
-        fork = self.forks.get(python)
-        if fork is None:
-            log = b.workdir / f"forkserver-dcp-{len(self.forks)}.log"
-            fork = self.forks[python] = ForkServer(python, REPO_ROOT, b.env, log, module="benchmarks.sharded_worker")
-        status, killed = fork.run(spec_path, timeout)
-        if killed:
-            return f"timed out after {timeout:.0f} s"
-        if status not in (0, 3 << 8):
-            return f"ended with wait status {status}: {fork.log_tail(6)}"
-        return None
+        return self.bench._run(
+            python, spec_path, timeout, module="benchmarks.sharded_worker", forks=self.forks, log_name="forkserver-dcp"
+        )
 
     def pair(self, method: str, ranks: int, key: str, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """Save, then load what was saved (skipped if the save failed)."""
