@@ -208,11 +208,7 @@ def check_request_budget(
             )
         )
     if problems:
-        message = " ".join(problems)
-        if strict:
-            raise ConfigError(message)
-        log.warning("%s", message)
-        warnings.warn(message, UserWarning, stacklevel=2)
+        _report(" ".join(problems), strict=strict)
     return budget
 
 
@@ -350,12 +346,18 @@ def check_shard_budget(
     )
     if budget.ok:
         return budget
-    message = _explain_shards(budget, concurrency, files, part_size_MB, headroom, connection_MBps, fits, where)
+    _report(
+        _explain_shards(budget, concurrency, files, part_size_MB, headroom, connection_MBps, fits, where), strict=strict
+    )
+    return budget
+
+
+def _report(message: str, *, strict: bool) -> None:
+    """An exceeded budget: ``ConfigError`` when strict, else a logged warning (stacklevel: the caller's caller)."""
     if strict:
         raise ConfigError(message)
     log.warning("%s", message)
-    warnings.warn(message, UserWarning, stacklevel=2)
-    return budget
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _explain_shards(
