@@ -23,12 +23,15 @@ from .errors import (
     S3NotFoundError,
     UnverifiableCheckpointError,
 )
+from .incremental import BaseLayout, RecordComposer
+from .incremental.fallback import choose_base, compose_store_checksum, copy_failed
 from .layout import Expected, expected_checksum, manifest_key, summarize_meta, write_manifest
 from .removal import delete_sharded
 from .s3_dirpath_utils import parse_s3_url
 from .serialization import LoadBuffer, ZipLayoutError, disable_crc_filling, load_from_buffer, save_to_stream
 from .transport import ops
 from .transport.checksums import RangeDigest
+from .transport.compose import ComposingWriter, CopyPartError
 from .transport.context import S3Transport
 from .transport.download import download_into
 from .transport.upload import MultipartWriter
@@ -74,6 +77,16 @@ class SaveStats:
     crc32c: int
     etag: str
     parts: int
+    bytes_uploaded: int = -1
+    """Bytes sent by this client (``bytes`` unless records were copied from a base); -1: not known."""
+    bytes_copied: int = 0
+    """Bytes the store copied from ``base`` (unchanged records of an incremental save)."""
+    base: str | None = None
+    """The checkpoint records were copied from, if any."""
+
+    def __post_init__(self) -> None:
+        if self.bytes_uploaded < 0:
+            object.__setattr__(self, "bytes_uploaded", self.bytes - self.bytes_copied)
 
     @property
     def gbps(self) -> float:
@@ -91,6 +104,7 @@ def save(
     if_none_match: bool = False,
     progress: Callable[[int], None] | None = None,
     zip_crc32: bool = True,
+    base: str | None = None,
 ) -> SaveStats:
     """``torch.save(obj)`` straight into ``url``, streaming, with a CRC32C recorded for :func:`load`.
 
@@ -109,9 +123,15 @@ def save(
             ``zipfile``, model scanners and ``torch.load`` all accept (the default; s3ckpt computes them as
             the bytes stream by, at about 0.2 CPU-s per GB). ``False`` leaves them 0, a file only torch
             reads (see :func:`s3ckpt.serialization.save_to_stream`).
+        base: an earlier checkpoint saved by s3ckpt (``s3://...``, same store) to compose from: records
+            whose bytes are unchanged since ``base`` (same name, size, CRC32C and zip CRC-32) are copied by
+            the store (``UploadPartCopy``) instead of uploaded; the object is still exactly what
+            ``torch.save`` writes. If ``base`` is missing, not s3ckpt's, replaced, deleted while the save
+            copies from it, or the store cannot copy parts, the save uploads everything instead (logged).
+            ``base`` may be deleted once this save returns (copies are copies, not references).
 
     Returns:
-        :class:`SaveStats` (bytes, seconds, CRC32C, ETag).
+        :class:`SaveStats` (bytes, seconds, CRC32C, ETag; bytes uploaded and copied).
 
     Raises:
         ValueError: a malformed URL (before any request).
@@ -122,8 +142,9 @@ def save(
     start = time.perf_counter()
 
     reported = 0  # bytes the caller's progress has been told of, so a redo does not count them twice
+    layout = choose_base(t, base, url) if base is not None else None
 
-    def upload() -> MultipartWriter:
+    def upload(layout: BaseLayout | None) -> tuple[MultipartWriter, RecordComposer]:
         stored = 0
 
         def counted(n: int) -> None:
@@ -133,20 +154,49 @@ def save(
                 progress(stored - reported)
                 reported = stored
 
-        with MultipartWriter(t, bucket, key, if_none_match=if_none_match, progress=counted) as writer:
-            save_to_stream(obj, writer, zip_crc32=zip_crc32)
-        return writer
+        kwargs: dict[str, Any] = {"if_none_match": if_none_match, "progress": counted}
+        writer = (
+            ComposingWriter(t, bucket, key, source=layout.source, store_checksum=compose_store_checksum(), **kwargs)
+            if layout is not None
+            else MultipartWriter(t, bucket, key, **kwargs)
+        )
+        with writer:
+            composer = RecordComposer(writer, layout)
+            save_to_stream(obj, composer, zip_crc32=zip_crc32)
+            composer.finish()
+        return writer, composer
 
     try:
-        result = upload().result
+        try:
+            writer, composer = upload(layout)
+        except CopyPartError as exc:
+            # Aborted, nothing stored: the streamed bytes are gone, so serialize again and upload them all.
+            copy_failed(t, url, exc)
+            layout = None
+            writer, composer = upload(None)
     except ZipLayoutError as exc:
         # The upload was aborted, so nothing was stored: save again with torch computing the CRC-32s.
         disable_crc_filling(f"{url}: {exc}")
-        result = upload().result
-    write_manifest(t, result, summarize_meta(obj))
+        layout = None
+        writer, composer = upload(None)
+    result = writer.result
+    copied = writer.bytes_copied if isinstance(writer, ComposingWriter) else 0
+    transfer: dict[str, Any] = {"uploaded": result.size - copied, "copied": copied}
+    if layout is not None:
+        transfer["base"] = layout.url
+    write_manifest(t, result, summarize_meta(obj), records=tuple(composer.records), transfer=transfer)
     seconds = time.perf_counter() - start
-    log.debug("saved %s: %d bytes in %.2f s", url, result.size, seconds)
-    return SaveStats(url, result.size, seconds, result.crc32c, result.etag, result.parts)
+    log.debug("saved %s: %d bytes (%d copied) in %.2f s", url, result.size, copied, seconds)
+    return SaveStats(
+        url,
+        result.size,
+        seconds,
+        result.crc32c,
+        result.etag,
+        result.parts,
+        bytes_copied=copied,
+        base=layout.url if layout is not None else None,
+    )
 
 
 def _download_verified(

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import CheckpointCorruptedError, S3NotFoundError
+from .incremental.records import ZipRecord
 from .transport import ops
 from .transport.checksums import COMPOSITE, FULL_OBJECT, b64, composite_of
 from .transport.context import S3Transport
@@ -82,9 +83,23 @@ class Manifest:
     created: float
     meta: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    records: tuple[ZipRecord, ...] = ()
+    """The archive's zip records (what a later incremental save copies from); empty if not recorded."""
+    transfer: dict[str, Any] = field(default_factory=dict)
+    """How the bytes got there: ``uploaded`` and ``copied`` bytes, and the ``base`` copied from, if any."""
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode("utf-8")
+        raw = asdict(self)
+        raw["records"] = [r.to_json() for r in self.records]
+        return json.dumps(raw, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @property
+    def bytes_uploaded(self) -> int:
+        return int(self.transfer.get("uploaded", self.size))
+
+    @property
+    def bytes_copied(self) -> int:
+        return int(self.transfer.get("copied", 0))
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> Manifest:
@@ -100,6 +115,8 @@ class Manifest:
                 nonce=str(raw["nonce"]),
                 created=float(raw["created"]),
                 meta=dict(raw.get("meta") or {}),
+                records=tuple(ZipRecord.from_json(r) for r in raw.get("records") or ()),
+                transfer=dict(raw.get("transfer") or {}),
             )
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise CheckpointCorruptedError(f"{where}: manifest is unreadable: {exc}") from exc
@@ -125,8 +142,15 @@ def summarize_meta(obj: Any) -> dict[str, Any]:
     return out
 
 
-def write_manifest(t: S3Transport, result: UploadResult, meta: dict[str, Any] | None = None) -> Manifest:
-    """Write the manifest of a completed upload."""
+def write_manifest(
+    t: S3Transport,
+    result: UploadResult,
+    meta: dict[str, Any] | None = None,
+    *,
+    records: tuple[ZipRecord, ...] = (),
+    transfer: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write the manifest of a completed upload (with its zip ``records`` and how it was ``transfer``-red)."""
     manifest = Manifest(
         key=result.key,
         size=result.size,
@@ -135,6 +159,8 @@ def write_manifest(t: S3Transport, result: UploadResult, meta: dict[str, Any] | 
         nonce=result.nonce,
         created=time.time(),
         meta=dict(meta or {}),
+        records=records,
+        transfer=dict(transfer or {}),
     )
     ops.put_bytes(t, result.bucket, manifest_key(result.key), manifest.to_json(), content_type="application/json")
     return manifest

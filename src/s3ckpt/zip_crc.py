@@ -29,7 +29,7 @@ import struct
 import zlib
 from typing import Any, Protocol
 
-__all__ = ["BytesSink", "TappableSink", "ZipCrcFiller", "ZipLayoutError"]
+__all__ = ["BytesSink", "RecordSink", "TappableSink", "ZipCrcFiller", "ZipLayoutError"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,26 @@ class TappableSink(Protocol):
     def write(self, data: Any, *, tap: Any = None) -> int: ...
 
 
+class RecordSink(Protocol):
+    """A stream told where each zip record begins and ends (``accepts_records = True``), which takes each
+    record's data through :meth:`write_data` and returns its CRC-32 (``s3ckpt.incremental.RecordComposer``,
+    which decides per record whether to upload the bytes or copy them on the store)."""
+
+    accepts_records: bool
+
+    def write(self, data: Any) -> int: ...
+
+    def begin_record(self, name: str) -> None:
+        """A record's local header comes next (in one or more ``write()`` calls)."""
+
+    def write_data(self, data: memoryview) -> int:
+        """The record's whole data, in one call; returns its zip CRC-32."""
+        ...
+
+    def end_record(self, crc32: int, size: int) -> None:
+        """The record's data descriptor has been written (none for an empty record)."""
+
+
 class BytesSink(io.RawIOBase):
     """An in-memory :class:`TappableSink`."""
 
@@ -92,10 +112,12 @@ class ZipCrcFiller(io.RawIOBase):
     :meth:`finish` after the archive is written: it checks that the stream ended where a zip ends.
     """
 
-    def __init__(self, sink: TappableSink | Any) -> None:
+    def __init__(self, sink: TappableSink | RecordSink | Any) -> None:
         super().__init__()
-        self._sink = sink
+        self._sink: Any = sink
         self._tap = bool(getattr(sink, "accepts_tap", False))
+        # A RecordSink is told where each record begins and ends, and computes the data's CRC-32 itself.
+        self._events = bool(getattr(sink, "accepts_records", False))
         self._offset = 0  # stream offset of the next byte handed to the sink
         self._pending = bytearray()  # a header being collected (torch writes one in several pieces)
         self._need = 4  # bytes self._pending must reach before the next parsing step
@@ -157,7 +179,9 @@ class ZipCrcFiller(io.RawIOBase):
         if self._expect == "data":
             if self._in_serialization_id:
                 view = self._fix_serialization_id(view)
-            if self._tap:
+            if self._events:
+                self._crc = self._sink.write_data(view)
+            elif self._tap:
                 self._sink.write(view, tap=self._update_crc)
             else:
                 self._update_crc(view)
@@ -233,13 +257,18 @@ class ZipCrcFiller(io.RawIOBase):
             raise self._fail(f"zip record at offset {self._offset}: flags {flags:#x}, method {method}")
         self._record_at = self._offset
         name_len = struct.unpack_from("<H", head, 26)[0]
-        self._in_serialization_id = head[_LOCAL_FIXED : _LOCAL_FIXED + name_len].endswith(_SERIALIZATION_ID_SUFFIX)
+        name = head[_LOCAL_FIXED : _LOCAL_FIXED + name_len]
+        self._in_serialization_id = name.endswith(_SERIALIZATION_ID_SUFFIX)
+        if self._events:
+            self._sink.begin_record(name.decode("utf-8", "replace"))
         self._emit_pending()
         if flags & _HAS_DESCRIPTOR:
             self._crc = 0
             self._expect = "data"
         elif csize == usize == crc == 0:
             self._records[self._record_at] = (0, 0)  # torch writes an empty record without a descriptor
+            if self._events:
+                self._sink.end_record(0, 0)
         else:
             raise self._fail(f"zip record at offset {self._record_at} has no data descriptor and is not empty")
 
@@ -259,6 +288,8 @@ class ZipCrcFiller(io.RawIOBase):
         self._records[self._record_at] = (crc, self._data_len)
         self._pass(desc)
         self._expect = "record"
+        if self._events:
+            self._sink.end_record(crc, self._data_len)
 
     def _fix_serialization_id(self, view: memoryview) -> memoryview:
         """``.data/serialization_id`` with its CRC part computed from the filled-in CRC-32s.

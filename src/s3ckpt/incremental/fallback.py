@@ -1,0 +1,71 @@
+"""When an incremental save uploads everything instead: no usable base, or a store that cannot copy parts.
+
+Never an error: an incremental save that cannot compose is a plain save, said in the log (once per store
+for a store without ``UploadPartCopy``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ..transport.compose import CopyPartError
+from ..transport.context import S3Transport
+from ..transport.retry import error_code
+from .records import BaseLayout, load_base
+
+__all__ = ["STORE_CHECKSUM_ENV", "choose_base", "compose_store_checksum", "copy_failed"]
+
+log = logging.getLogger(__name__)
+
+STORE_CHECKSUM_ENV = "S3CKPT_COMPOSE_STORE_CHECKSUM"
+
+
+def compose_store_checksum() -> bool:
+    """Whether a composed upload asks the store for its full-object CRC32C (env ``S3CKPT_COMPOSE_STORE_CHECKSUM``,
+    ``1``/``0``; default on: the store then checks the composition against the client's CRC32C at Complete).
+    Off, the object's CRC32C is only in its manifest (``verify`` and ``load`` use it from there)."""
+    raw = os.environ.get(STORE_CHECKSUM_ENV, "1").strip().lower()
+    return raw not in ("0", "false", "no", "off")
+
+
+# Stores (endpoints) that refused UploadPartCopy: later saves upload everything without trying again.
+_no_part_copy: set[str] = set()
+_NOT_SUPPORTED = ("NotImplemented", "MethodNotAllowed", "XNotImplemented", "501", "405")
+
+
+def _endpoint(t: S3Transport) -> str:
+    return t.clients.config.endpoint_url or "AWS S3"
+
+
+def choose_base(t: S3Transport, base: str, url: str) -> BaseLayout | None:
+    """The base to compose ``url`` from, or None (logged) when the save must upload everything."""
+    if _endpoint(t) in _no_part_copy:
+        return None
+    if base.rstrip("/") == url.rstrip("/"):
+        # Completing the new object replaces the base: safe for copies already made, but a retried copy
+        # would read the new object. Same-name saves upload everything.
+        log.info("saving %s with base=%s, the same object: uploading everything", url, base)
+        return None
+    layout, why = load_base(t, base)
+    if layout is None:
+        log.warning("incremental save of %s: %s; uploading everything", url, why)
+    return layout
+
+
+def copy_failed(t: S3Transport, url: str, exc: CopyPartError) -> None:
+    codes = set()
+    cause: BaseException | None = exc
+    while cause is not None:
+        codes.add(error_code(cause))
+        cause = cause.__cause__
+    if codes & set(_NOT_SUPPORTED):
+        _no_part_copy.add(_endpoint(t))
+        log.warning(
+            "%s does not support UploadPartCopy (server-side copy of a part): incremental saves to it upload "
+            "everything from now on (%s)",
+            _endpoint(t),
+            exc,
+        )
+        return
+    log.warning("incremental save of %s: %s; uploading everything instead", url, exc)
