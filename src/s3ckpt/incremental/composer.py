@@ -24,21 +24,33 @@ from __future__ import annotations
 import io
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import crc32c as _crc32c
 
 from ..config import MAX_PART_SIZE, MIN_PART_SIZE, MiB
 from ..transport.checksums import crc_combine
-from ..transport.compose import ComposingWriter
 from ..transport.upload import MultipartWriter
 from .records import BaseLayout, ZipRecord
 
-__all__ = ["COPY_PART_SIZE", "RecordComposer"]
+__all__ = ["COPY_PART_SIZE", "PartSink", "RecordComposer"]
 
 # Copied parts are cut at record boundaries once this long: the store copies the parts of one upload in
 # parallel (max_write_concurrency at once), and a failed part is retried alone.
 COPY_PART_SIZE = 128 * MiB
+
+
+class PartSink(Protocol):
+    """What the planner sends parts through: :class:`~s3ckpt.transport.compose.ComposingWriter`."""
+
+    @property
+    def pending_bytes(self) -> int: ...
+
+    def write(self, data: Any, *, tap: Any = None) -> int: ...
+
+    def flush_part(self) -> None: ...
+
+    def copy_part(self, first: int, length: int, crc32c: int) -> None: ...
 
 
 @dataclass
@@ -54,9 +66,9 @@ class _Record:
 
 
 class _PartPlanner:
-    """Sends uploaded bytes and copied ranges through a :class:`ComposingWriter` as valid parts."""
+    """Sends uploaded bytes and copied ranges through a :class:`PartSink` as valid parts."""
 
-    def __init__(self, writer: ComposingWriter, copy_part_size: int) -> None:
+    def __init__(self, writer: PartSink, copy_part_size: int) -> None:
         self._w = writer
         # A run may end up to one short run (< 5 MiB) longer than this: still within S3's 5 GiB.
         self._copy_max = max(MIN_PART_SIZE, min(copy_part_size, MAX_PART_SIZE - MIN_PART_SIZE))
@@ -118,8 +130,8 @@ class _PartPlanner:
 
 class RecordComposer(io.RawIOBase):
     """The stream a save writes into (a :class:`~s3ckpt.zip_crc.RecordSink`): uploads through ``writer``,
-    copies unchanged records from ``base`` when ``writer`` is a :class:`ComposingWriter`, and lists the
-    archive's records in :attr:`records`.
+    copies unchanged records from ``base`` when ``writer`` can (a :class:`PartSink`, e.g.
+    :class:`~s3ckpt.transport.compose.ComposingWriter`), and lists the archive's records in :attr:`records`.
 
     Args:
         writer: the upload.
@@ -130,12 +142,17 @@ class RecordComposer(io.RawIOBase):
     accepts_records = True
 
     def __init__(
-        self, writer: MultipartWriter, base: BaseLayout | None = None, *, copy_part_size: int = COPY_PART_SIZE
+        self,
+        writer: MultipartWriter | PartSink,
+        base: BaseLayout | None = None,
+        *,
+        copy_part_size: int = COPY_PART_SIZE,
     ) -> None:
         super().__init__()
         self._w = writer
-        self._base = base if isinstance(writer, ComposingWriter) else None
-        self._plan = _PartPlanner(writer, copy_part_size) if isinstance(writer, ComposingWriter) and base else None
+        can_copy = callable(getattr(writer, "copy_part", None))
+        self._base = base if can_copy else None
+        self._plan = _PartPlanner(writer, copy_part_size) if can_copy and base is not None else None  # type: ignore[arg-type]
         self._offset = 0
         self._cur: _Record | None = None
         self.records: list[ZipRecord] = []

@@ -42,11 +42,8 @@ def choose_base(t: S3Transport, base: str, url: str) -> BaseLayout | None:
     """The base to compose ``url`` from, or None (logged) when the save must upload everything."""
     if _endpoint(t) in _no_part_copy:
         return None
-    if base.rstrip("/") == url.rstrip("/"):
-        # Completing the new object replaces the base: safe for copies already made, but a retried copy
-        # would read the new object. Same-name saves upload everything.
-        log.info("saving %s with base=%s, the same object: uploading everything", url, base)
-        return None
+    # The base may be ``url`` itself (``last.ckpt`` saved again): every copy completes before the new object
+    # replaces it at Complete, so the copies read the old bytes (pinned by its ETag).
     layout, why = load_base(t, base)
     if layout is None:
         log.warning("incremental save of %s: %s; uploading everything", url, why)

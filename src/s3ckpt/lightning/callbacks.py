@@ -83,6 +83,8 @@ class S3CheckpointMetrics(Callback):
             f"{p}failed_saves": float(self.failed_saves),
             f"{p}save_seconds": record.save_s,
             f"{p}bytes": float(record.bytes),
+            f"{p}bytes_uploaded": float(record.bytes_uploaded),
+            f"{p}bytes_copied": float(record.bytes_copied),
             f"{p}gbps": record.gbps,
             f"{p}stall_seconds": record.stall_s,
         }

@@ -33,11 +33,16 @@ from ..snapshot import SnapshotPool
 from ..transport.context import S3Transport
 from ..transport.upload import writers_paused
 from .nemo_config import checkpoint_io_args
-from .records import CopyRecord, RemovalRecord, SaveRecord
+from .records import CopyRecord, RemovalRecord, SaveRecord, log_save
 
 __all__ = ["CopyRecord", "RemovalRecord", "S3CheckpointIO", "SaveRecord"]
 
 log = logging.getLogger(__name__)
+
+
+def _moved(stats: ck.SaveStats) -> dict[str, Any]:
+    """The :class:`SaveRecord` fields saying how a save's bytes got to the store."""
+    return {"bytes_uploaded": stats.bytes_uploaded, "bytes_copied": stats.bytes_copied, "base": stats.base}
 
 
 def to_url(path: str | os.PathLike[str]) -> str:
@@ -81,6 +86,11 @@ class S3CheckpointIO(CheckpointIO):
             in :attr:`records` with ``failed=True`` (:attr:`failed_saves`), removals that depended on it are
             cancelled (top-k never deletes an older checkpoint for a newer one that does not exist), and the
             next save interval tries again. Other errors (a bug, an unpicklable object) always raise.
+        incremental: compose each save from this plugin's newest committed checkpoint (or the one it loaded to
+            resume): records unchanged since then are copied on the store instead of uploaded (see
+            :func:`s3ckpt.save`'s ``base``); the object is still exactly ``torch.save``'s bytes. Pays when
+            most of the state is frozen (fine-tuning); costs nothing measurable otherwise. Not with
+            ``tensor_parallel_size * pipeline_parallel_size > 1`` (rank files are saved whole).
 
     Raises:
         ValueError: ``dirpath`` is not an ``s3://`` URL, or a knob is out of range.
@@ -102,6 +112,7 @@ class S3CheckpointIO(CheckpointIO):
         retry: RetryConfig | None = None,
         verify: bool | str = True,
         on_save_error: Literal["raise", "warn"] = "raise",
+        incremental: bool = False,
     ) -> None:
         super().__init__()
         if not is_s3_url(dirpath):
@@ -136,6 +147,10 @@ class S3CheckpointIO(CheckpointIO):
         if on_save_error not in ("raise", "warn"):
             raise ValueError(f"S3CheckpointIO(on_save_error={on_save_error!r}): must be 'raise' or 'warn'")
         self.on_save_error = on_save_error
+        self.incremental = bool(incremental)
+        # The newest checkpoint committed (or loaded) by this plugin: the base of the next incremental save.
+        # Async uploads run one at a time, in order, so the worker reads the one committed just before.
+        self._base: str | None = None
         # Sync, "warn": the last save failed, so a removal asked for now would delete the last good one.
         self._last_save_failed = False
         self.transport = S3Transport.create(client=client, retry=retry, transfer=self.transfer)
@@ -189,7 +204,7 @@ class S3CheckpointIO(CheckpointIO):
                 return
             self._last_save_failed = False
             elapsed = time.perf_counter() - start
-            self._record(SaveRecord(url, stats.bytes, elapsed, elapsed, time.time(), stats.seconds))
+            self._record(SaveRecord(url, stats.bytes, elapsed, elapsed, time.time(), stats.seconds, **_moved(stats)))
             return
         saver = self._saver
         self._raise_background_failure(saver.raise_if_failed)
@@ -213,7 +228,7 @@ class S3CheckpointIO(CheckpointIO):
                 if pool is not None:  # uploaded (or failed): its buffers may hold the next snapshot
                     pool.release(buffers)
             done = time.perf_counter() - start
-            self._record(SaveRecord(url, stats.bytes, stall, done, time.time(), stats.seconds, queued))
+            self._record(SaveRecord(url, stats.bytes, stall, done, time.time(), stats.seconds, queued, **_moved(stats)))
 
         try:
             # "warn": an earlier background save that failed was recorded and logged; this one goes ahead.
@@ -248,6 +263,8 @@ class S3CheckpointIO(CheckpointIO):
         )
         if not isinstance(result, dict):
             raise TypeError(f"{url} holds a {type(result).__name__}, not a Lightning checkpoint dict")
+        if self.incremental and self._base is None:
+            self._base = url  # resuming: the next save composes from the checkpoint resumed from
         return result
 
     @override
@@ -323,7 +340,9 @@ class S3CheckpointIO(CheckpointIO):
 
     def _save(self, checkpoint: dict[str, Any], url: str, rank_file: RankFile | None) -> ck.SaveStats:
         if rank_file is None:
-            return ck.save(checkpoint, url, transport=self.transport)
+            stats = ck.save(checkpoint, url, transport=self.transport, base=self._base if self.incremental else None)
+            self._base = url
+            return stats
         # After this rank's upload (sync or async): the rank that stores its file last commits the group.
         return save_rank_file(checkpoint, rank_file, self.model_parallel, transport=self.transport)
 
@@ -357,24 +376,7 @@ class S3CheckpointIO(CheckpointIO):
     def _record(self, record: SaveRecord) -> None:
         with self._records_lock:
             self.records.append(record)
-        if record.failed:
-            # Logged as an error whatever the policy: with "warn" this line is all that says it happened.
-            log.error(
-                "checkpoint %s FAILED after %.2f s and was not saved (on_save_error=%r): %s",
-                record.path,
-                record.save_s,
-                self.on_save_error,
-                record.error,
-            )
-            return
-        log.info(
-            "saved %s: %.1f MB in %.2f s (%.3f GB/s), training stalled %.2f s",
-            record.path,
-            record.bytes / 1e6,
-            record.save_s,
-            record.gbps,
-            record.stall_s,
-        )
+        log_save(record, self.on_save_error)
 
     def _url(self, path: Any) -> str:
         url = to_url(path)

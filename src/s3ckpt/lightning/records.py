@@ -4,9 +4,12 @@ and tests."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-__all__ = ["CopyRecord", "RemovalRecord", "SaveRecord"]
+__all__ = ["CopyRecord", "RemovalRecord", "SaveRecord", "log_save"]
+
+log = logging.getLogger("s3ckpt.lightning.checkpoint_io")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,16 @@ class SaveRecord:
     """Async: seconds of ``stall_s`` spent waiting for room behind earlier saves (the rest is the snapshot)."""
     error: str = ""
     """Why the save failed (the S3 error's message); empty for a committed checkpoint."""
+    bytes_uploaded: int = -1
+    """Bytes this client sent (``bytes`` unless an incremental save copied records); -1 until known."""
+    bytes_copied: int = 0
+    """Bytes the store copied from :attr:`base` (incremental saves: the records unchanged since it)."""
+    base: str | None = None
+    """The checkpoint an incremental save copied unchanged records from, if any."""
+
+    def __post_init__(self) -> None:
+        if self.bytes_uploaded < 0:
+            object.__setattr__(self, "bytes_uploaded", self.bytes - self.bytes_copied)
 
     @property
     def failed(self) -> bool:
@@ -68,3 +81,27 @@ class CopyRecord:
     bytes: int = 0
     cancelled: bool = False
     """True if the copy was cancelled because the save of ``src`` (or one before it) failed."""
+
+
+def log_save(record: SaveRecord, on_save_error: str) -> None:
+    """Log one save: an error for a failed one (whatever the policy: with ``"warn"`` this line is all that
+    says it happened), else its size, speed, stall and, for an incremental save, the bytes copied."""
+    if record.failed:
+        log.error(
+            "checkpoint %s FAILED after %.2f s and was not saved (on_save_error=%r): %s",
+            record.path,
+            record.save_s,
+            on_save_error,
+            record.error,
+        )
+        return
+    copied = f", {record.bytes_copied / 1e6:.1f} MB copied on the store" if record.bytes_copied else ""
+    log.info(
+        "saved %s: %.1f MB in %.2f s (%.3f GB/s), training stalled %.2f s%s",
+        record.path,
+        record.bytes / 1e6,
+        record.save_s,
+        record.gbps,
+        record.stall_s,
+        copied,
+    )
