@@ -151,3 +151,14 @@ def test_unusable_bases_fall_back_to_a_plain_upload(
     assert stats.bytes_copied == 0 and "does not match its manifest" in caplog.text
     for name in ("b", "c", "d"):
         assert stored_bytes(transport, f"s3://{bucket}/m/{name}.ckpt") == torch_save_bytes(state)
+
+
+def test_saving_over_the_base_itself_composes_from_its_old_bytes(transport: S3Transport, bucket: str) -> None:
+    """``last.ckpt`` saved again with itself as the base: every copy is made before Complete replaces it."""
+    url = f"s3://{bucket}/last/last.ckpt"
+    s3ckpt.save(fine_tuning_state(1, frozen=2), url, transport=transport)
+    state = fine_tuning_state(2, frozen=2)
+    stats = s3ckpt.save(state, url, transport=transport, base=url)
+    assert stats.bytes_copied >= 10 * MiB and stats.base == url
+    assert stored_bytes(transport, url) == torch_save_bytes(state)
+    assert s3ckpt.verify(url, transport=transport).crc32c == stats.crc32c

@@ -31,7 +31,7 @@ import crc32c as _crc32c
 from ..config import MAX_PART_SIZE, MIN_PART_SIZE, MiB
 from ..transport.checksums import crc_combine
 from ..transport.upload import MultipartWriter
-from .records import BaseLayout, ZipRecord
+from .records import PREFIX, BaseLayout, ZipRecord
 
 __all__ = ["COPY_PART_SIZE", "PartSink", "RecordComposer"]
 
@@ -61,6 +61,7 @@ class _Record:
     data: int = -1
     size: int = 0
     crc32c: int = 0
+    prefix_crc32c: int = 0
     base: ZipRecord | None = None  # the base's record, when this one's data is the same bytes
     desc: bytearray = field(default_factory=bytearray)
 
@@ -183,6 +184,9 @@ class RecordComposer(io.RawIOBase):
         self._offset += cur.size
         candidate = self._base.match(cur.name, cur.size) if self._base is not None else None
         crc32c: int | None = None
+        cur.prefix_crc32c = _crc32c.crc32c(view[:PREFIX])
+        if candidate is not None and candidate.prefix_crc32c != cur.prefix_crc32c:
+            candidate = None  # changed (a training step changes a tensor's first bytes too): no full pass
         if candidate is not None and self._plan is not None:
             # Checksummed where the bytes lie (no copy into a part buffer): CRC32C first, the cheaper one.
             crc32c = _crc32c.crc32c(view)
@@ -216,6 +220,7 @@ class RecordComposer(io.RawIOBase):
         self._cur = None
         if cur.data < 0:  # an empty record: no data, no descriptor
             cur.data = self._offset
+            cur.prefix_crc32c = 0
             self._upload(memoryview(cur.head))
         base = cur.base
         desc = memoryview(cur.desc)
@@ -224,7 +229,17 @@ class RecordComposer(io.RawIOBase):
         else:
             self._upload(desc)
         self.records.append(
-            ZipRecord(cur.name, cur.start, cur.data, size, self._offset, crc32, cur.crc32c, _crc32c.crc32c(cur.head))
+            ZipRecord(
+                cur.name,
+                cur.start,
+                cur.data,
+                size,
+                self._offset,
+                crc32,
+                cur.crc32c,
+                _crc32c.crc32c(cur.head),
+                cur.prefix_crc32c,
+            )
         )
 
     def finish(self) -> None:

@@ -19,9 +19,12 @@ from ..transport import ops
 from ..transport.compose import CopySource
 from ..transport.context import S3Transport
 
-__all__ = ["BaseLayout", "ZipRecord", "load_base"]
+__all__ = ["PREFIX", "BaseLayout", "ZipRecord", "load_base"]
 
 log = logging.getLogger(__name__)
+
+PREFIX = 64 * 1024
+"""Bytes at the start of each record's data whose CRC32C is listed on their own (``prefix_crc32c``)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class ZipRecord:
         crc32: the zip CRC-32 of the data.
         crc32c: the CRC32C of the data.
         head_crc32c: the CRC32C of the local header ``[start, data)``.
+        prefix_crc32c: the CRC32C of the data's first :data:`PREFIX` bytes: a changed tensor is told from an
+            unchanged one by its first bytes, without a pass over all of them.
     """
 
     name: str
@@ -47,6 +52,7 @@ class ZipRecord:
     crc32: int
     crc32c: int
     head_crc32c: int
+    prefix_crc32c: int
 
     @property
     def data_end(self) -> int:
@@ -54,12 +60,22 @@ class ZipRecord:
 
     def to_json(self) -> list[Any]:
         """A compact list (a manifest holds one per tensor)."""
-        return [self.name, self.start, self.data, self.size, self.end, self.crc32, self.crc32c, self.head_crc32c]
+        return [
+            self.name,
+            self.start,
+            self.data,
+            self.size,
+            self.end,
+            self.crc32,
+            self.crc32c,
+            self.head_crc32c,
+            self.prefix_crc32c,
+        ]
 
     @classmethod
     def from_json(cls, raw: Any) -> ZipRecord:
-        name, start, data, size, end, crc32, crc32c, head = raw
-        record = cls(str(name), int(start), int(data), int(size), int(end), int(crc32), int(crc32c), int(head))
+        name, *numbers = raw
+        record = cls(str(name), *(int(n) for n in numbers))
         if not record.start <= record.data <= record.data_end <= record.end:
             raise ValueError(f"record {record.name!r} has offsets out of order")
         return record
