@@ -29,7 +29,7 @@ import struct
 import zlib
 from typing import Any, Protocol
 
-__all__ = ["BytesSink", "RecordSink", "TappableSink", "ZipCrcFiller", "ZipLayoutError"]
+__all__ = ["BytesSink", "RecordSink", "TappableSink", "ZipCrcFiller", "ZipLayoutError", "hash_combine"]
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +337,9 @@ class ZipCrcFiller(io.RawIOBase):
 def _hash_combine(seed: int, value: int) -> int:
     """``c10::hash_combine`` (Boost's) on 64-bit ``size_t``, wrapping as C++ does."""
     return (seed ^ ((value + 0x9E3779B9 + (seed << 6) + (seed >> 2)) & _U64_MASK)) & _U64_MASK
+
+
+hash_combine = _hash_combine
 
 
 def _zip64_values(extra: bytes) -> list[int]:

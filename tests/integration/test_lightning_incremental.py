@@ -5,6 +5,7 @@ resume whose first save composes from the checkpoint it resumed from."""
 from __future__ import annotations
 
 import io
+import itertools
 import zipfile
 from typing import Any
 
@@ -105,7 +106,7 @@ def test_fine_tuning_checkpoints_copy_the_frozen_tables(s3_server: LocalS3Server
     records = [r for r in plugin.records if not r.failed]
     assert len(records) == 8  # 4 steps x (top-k checkpoint + last.ckpt)
     assert records[0].bytes_copied == 0 and records[0].base is None  # nothing to compose from yet
-    for before, record in zip(records, records[1:], strict=False):
+    for before, record in itertools.pairwise(records):
         # Each save composes from the one committed just before it (last.ckpt included); the frozen 24 MiB
         # stay on the store: each of the 2 changed regions costs one uploaded part of 5 MiB.
         assert record.base == before.path, (record, before)

@@ -21,11 +21,12 @@ from torch.futures import Future
 from ..budget import ShardBudget, check_shard_budget
 from ..checkpoint import resolve_transport
 from ..errors import ConfigError
-from ..serialization import ZipLayoutError, disable_crc_filling, save_to_stream
+from ..serialization import ZipLayoutError, disable_crc_filling
 from ..transport.client import ClientFactory
 from ..transport.context import S3Transport
 from ..transport.upload import MultipartWriter
 from .commit import clear_previous, commit
+from .item_template import ItemTemplates
 from .layout import (
     FlatPrefixStrategy,
     ItemWrite,
@@ -291,6 +292,8 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         key = self.prefix + rel
         expected = sum(_item_bytes(i) for i in items)
         written: list[tuple[WriteItem, int, int, int]] = []
+        # torch.save runs once per kind of tensor (dtype, shape, strides); the rest are written from its bytes.
+        templates = ItemTemplates()
         with MultipartWriter(self.transport, self.bucket, key, expected_size=expected) as upload:
             tap = _ItemTap(upload)
             # Small byte items first, as torch does: they are resolved without touching tensor memory.
@@ -306,11 +309,19 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
                     if not isinstance(data, torch.Tensor):
                         raise TypeError(f"{item.index.fqn}: tensor item resolved to {type(data).__name__}")
                     # torch.save's bytes, with the zip CRC-32s filled in by s3ckpt as they stream (a third of
-                    # torch's cost; see s3ckpt.zip_crc).
-                    save_to_stream(_host_tensor(data), tap)  # type: ignore[arg-type]
+                    # torch's cost; see s3ckpt.zip_crc), from a template after the first of each kind.
+                    templates.save(_host_tensor(data), tap)
                 written.append((item, start, upload.bytes_written - start, tap.crc))
         result = upload.result
-        log.debug("rank %d wrote s3://%s/%s: %d items, %d bytes", self.rank, self.bucket, key, len(items), result.size)
+        log.debug(
+            "rank %d wrote s3://%s/%s: %d items (%d from templates), %d bytes",
+            self.rank,
+            self.bucket,
+            key,
+            len(items),
+            templates.templated,
+            result.size,
+        )
         return [
             WriteResult(
                 index=item.index,
