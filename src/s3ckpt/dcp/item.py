@@ -169,7 +169,9 @@ def tensor_in_item(data: memoryview) -> torch.Tensor | None:
         order = members.get(prefix + "byteorder")
         if order is not None and bytes(order) != b"little":
             return None
-        result = _Unpickler(MemoryFile(members[pickles[0]]), members, prefix).load()
+        # The pickle is a few hundred bytes: a copy in a BytesIO is read by C code, where a Python file's
+        # readinto would be called ~130 times for it.
+        result = _Unpickler(io.BytesIO(members[pickles[0]]), members, prefix).load()
     except (pickle.UnpicklingError, struct.error, ValueError, TypeError, RuntimeError, EOFError, IndexError):
         return None
     return result if isinstance(result, torch.Tensor) else None

@@ -15,7 +15,7 @@ from ..errors import ConflictError, S3NotFoundError
 from . import ops
 from .context import S3Transport
 
-__all__ = ["NONCE_META", "complete_upload", "confirm_ours", "put_whole"]
+__all__ = ["NONCE_META", "complete_upload", "confirm_ours", "last_part_body", "put_whole"]
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +106,12 @@ def complete_upload(
             raise _taken(bucket, key) from exc
         raise
     return str(resp.get("ETag", ""))
+
+
+def last_part_body(buf: bytearray, n: int) -> bytes | bytearray:
+    """The last part's body: its buffer cut in place to ``n`` bytes, not a copy of up to a part beside it."""
+    try:
+        del buf[n:]
+        return buf
+    except BufferError:  # a view of it is still alive somewhere
+        return memoryview(buf)[:n].tobytes()

@@ -28,7 +28,7 @@ from ..errors import S3CheckpointError, S3TransferError
 from . import ops
 from .checksums import crc_combine
 from .context import S3Transport
-from .finish import NONCE_META, complete_upload, put_whole
+from .finish import NONCE_META, complete_upload, last_part_body, put_whole
 from .pause import wait_while_paused, writers_paused
 
 __all__ = ["NONCE_META", "MultipartWriter", "Tap", "UploadResult", "writers_paused"]
@@ -300,7 +300,7 @@ class MultipartWriter(io.RawIOBase):
         try:
             if self._error is not None:
                 return
-            body = buf if n == len(buf) else memoryview(buf)[:n].tobytes()
+            body = buf if n == len(buf) else last_part_body(buf, n)
             kwargs: dict[str, Any] = {
                 "Bucket": self.bucket,
                 "Key": self.key,
