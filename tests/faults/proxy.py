@@ -2,10 +2,13 @@
 
 :class:`FaultProxy` listens on ``127.0.0.1`` (a free port) and forwards every request, byte for byte, to the
 upstream S3 endpoint (the embedded SeaweedFS). Rules (:class:`Fault`) make it misbehave on chosen request
-kinds: answer 503 SlowDown or 500 InternalError in AWS's XML form, reset the client connection mid-body,
-delay, truncate a response body, forward a request and then lose its response, or hang (accept a request and
-then neither answer nor close the connection, as a dead middlebox does). Every request is
-logged (:class:`LogEntry`), so tests can count requests by kind and compute request rates.
+kinds: answer 503 SlowDown or 500 InternalError in AWS's XML form (or 501 NotImplemented / 405
+MethodNotAllowed, as a store without some operation does), reset the client connection mid-body, delay,
+truncate a response body, rewrite a response body, forward a request and then lose its response, or hang
+(accept a request and then neither answer nor close the connection, as a dead middlebox does). A rule can
+also run a callback at the moment it fires, to change the store at an exact point of a client's request
+sequence. Every request is logged (:class:`LogEntry`), so tests can count requests by kind and compute
+request rates.
 
 What it preserves, so that SigV4 signatures still verify upstream:
 
@@ -38,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,7 +71,20 @@ KINDS = frozenset(
 )
 """Request kinds :func:`classify` returns."""
 
-ACTIONS = frozenset({"status_503", "status_500", "reset", "delay", "truncate", "drop_response", "hang"})
+ACTIONS = frozenset(
+    {
+        "status_503",
+        "status_500",
+        "status_501",
+        "status_405",
+        "reset",
+        "delay",
+        "truncate",
+        "rewrite",
+        "drop_response",
+        "hang",
+    }
+)
 """What a :class:`Fault` can do to a request."""
 
 ANY: Any = object()
@@ -91,7 +107,23 @@ _ERRORS = {
         "InternalError",
         "We encountered an internal error. Please try again.",
     ),
+    # What a store answers to an operation it does not implement (S3 gateways differ on which of the two).
+    "status_501": (
+        501,
+        "Not Implemented",
+        "NotImplemented",
+        "A header you provided implies functionality that is not implemented.",
+    ),
+    "status_405": (
+        405,
+        "Method Not Allowed",
+        "MethodNotAllowed",
+        "The specified method is not allowed against this resource.",
+    ),
 }
+# The header that makes a PUT a server-side copy (CopyObject, UploadPartCopy); classify() leaves those
+# requests under PutObject and UploadPart, and Fault(copy=...) and LogEntry.copy_source tell them apart.
+COPY_SOURCE_HEADER = "x-amz-copy-source"
 
 
 def classify(method: str, target: str) -> str:
@@ -150,12 +182,16 @@ class Fault:
 
             * ``status_503``: answer ``503 SlowDown`` (AWS's XML error body) without forwarding.
             * ``status_500``: answer ``500 InternalError`` without forwarding.
+            * ``status_501`` / ``status_405``: answer ``501 NotImplemented`` / ``405 MethodNotAllowed`` without
+              forwarding (a store that lacks the operation).
             * ``reset``: abort the client connection with a TCP RST (``SO_LINGER`` 0) mid-body: after reading
               ``after_bytes`` of the request body (the request never reaches the server), or after forwarding
               the request and ``after_bytes`` of the response body; see ``where``.
             * ``delay``: wait ``delay_s`` seconds, then forward normally.
             * ``truncate``: forward the request, send the response headers (with the full ``Content-Length``)
               and only ``after_bytes`` of the body, then close the connection (FIN).
+            * ``rewrite``: forward the request, read the whole response body and return ``rewrite(body)``
+              instead (same status and headers, ``Content-Length`` adjusted).
             * ``drop_response``: forward the request (the server processes it), read the whole response,
               then reset the client connection instead of returning it: a lost response.
             * ``hang``: read the request and then send nothing and close nothing, until the client gives up
@@ -172,6 +208,12 @@ class Fault:
         skip: let this many matching requests through untouched before the rule can fire.
         path_contains: only match requests whose target (path and query) contains this string.
         duration_s: the rule expires this many seconds after it is added to a proxy.
+        copy: ``True``: only match server-side copies (requests with an ``x-amz-copy-source`` header:
+            UploadPartCopy, classified ``UploadPart``, and CopyObject, classified ``PutObject``); ``False``:
+            only requests without one; ``None``: both.
+        rewrite: for ``rewrite``: the new response body, from the server's.
+        on_match: called (in the proxy's thread, with the request's :class:`LogEntry`) each time the rule
+            fires, before its action is carried out and before the request reaches the server.
 
     Attributes:
         injected: how many requests this rule has hit so far.
@@ -187,6 +229,9 @@ class Fault:
     skip: int = 0
     path_contains: str | None = None
     duration_s: float | None = None
+    copy: bool | None = None
+    rewrite: Callable[[bytes], bytes] | None = None
+    on_match: Callable[[LogEntry], None] | None = None
     injected: int = field(default=0, init=False)
     expires_at: float | None = field(default=None, init=False, repr=False)
 
@@ -201,6 +246,8 @@ class Fault:
             raise ValueError(f"count must be >= 0 or None, got {self.count!r}")
         if self.where not in ("auto", "request", "response"):
             raise ValueError(f"where must be 'auto', 'request' or 'response', got {self.where!r}")
+        if (self.action == "rewrite") != (self.rewrite is not None):
+            raise ValueError("the 'rewrite' action needs rewrite=, and rewrite= needs the 'rewrite' action")
 
     @property
     def exhausted(self) -> bool:
@@ -222,6 +269,8 @@ class LogEntry:
         status: the response status: the server's (even if the client never saw it, after ``reset``,
             ``truncate`` or ``drop_response``), the injected one, or 502 if the server could not be reached;
             ``None`` while it is unknown, and for good if the request was reset before reaching the server.
+        copy_source: the ``x-amz-copy-source`` header of a server-side copy (UploadPartCopy, CopyObject);
+            ``None`` for any other request.
     """
 
     time: float
@@ -230,6 +279,7 @@ class LogEntry:
     path: str
     action: str | None
     status: int | None
+    copy_source: str | None = None
 
 
 class _ClientGone(Exception):
@@ -366,7 +416,7 @@ class FaultProxy:
         with self._lock:
             return list(self._rules)
 
-    def _pick(self, kind: str, target: str) -> Fault | None:
+    def _pick(self, kind: str, target: str, copy: bool = False) -> Fault | None:
         """The rule that fires for this request, with its counters updated; None if none does."""
         now = time.monotonic()
         with self._lock:
@@ -375,6 +425,8 @@ class FaultProxy:
                 if rule.kind is not None and rule.kind != kind:
                     continue
                 if rule.path_contains is not None and rule.path_contains not in target:
+                    continue
+                if rule.copy is not None and rule.copy != copy:
                     continue
                 if rule.exhausted:
                     continue
@@ -547,10 +599,14 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server.proxy
         arrived = time.monotonic()
         kind = classify(self.command, self.path)
-        fault = proxy._pick(kind, self.path)
-        self._entry = LogEntry(arrived, kind, self.command, self.path, fault.action if fault else None, None)
+        copy_source = self.headers.get(COPY_SOURCE_HEADER)
+        fault = proxy._pick(kind, self.path, copy_source is not None)
+        action = fault.action if fault else None
+        self._entry = LogEntry(arrived, kind, self.command, self.path, action, None, copy_source)
         proxy._record(self._entry)
         try:
+            if fault is not None and fault.on_match is not None:
+                fault.on_match(self._entry)
             if fault is None:
                 self._forward(None)
             elif fault.action == "delay":
@@ -618,6 +674,28 @@ class _Handler(BaseHTTPRequestHandler):
                 pass
             self._close_upstream()
             self._hang()
+            return
+
+        if action == "rewrite":
+            assert fault is not None and fault.rewrite is not None
+            try:
+                body = fault.rewrite(resp.read())
+            except (OSError, http.client.HTTPException):
+                self._close_upstream()
+                self._close_client()
+                return
+            if resp.will_close:
+                self._close_upstream()
+            self.send_response_only(resp.status, resp.reason)
+            for name, value in resp.getheaders():
+                if name.lower() not in _HOP_BY_HOP_RESPONSE | {"content-length", "transfer-encoding"}:
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self._write_headers()
+            if self.command != "HEAD":
+                self._write(body)
             return
 
         if action == "drop_response":
