@@ -7,9 +7,9 @@ CRC-32 (in the data descriptor and the central directory), and the second half o
 ``.data/serialization_id`` (torch combines every record's CRC-32 into it). Running ``torch.save`` and the CRC
 filler costs about 0.4 ms of Python per item; a model has hundreds of items per rank.
 
-:class:`ItemTemplates` runs the real ``torch.save`` once per (dtype, shape, strides), records where those three
-things are, and for every later tensor of that kind writes the recorded bytes around the tensor's own,
-patching the CRC-32 and the serialization id in. The first save of each kind checks that the serialization id
+:class:`ItemTemplates` runs the real ``torch.save`` once per (dtype, shape, strides), on an uninitialized tensor
+whose bytes it never reads, records where those three things are, and for every tensor of that kind writes the
+recorded bytes around the tensor's own, patching the CRC-32 and the serialization id in. Recording a template checks that the serialization id
 it recomputes is the one torch wrote; if not (another torch), that kind is always saved by ``torch.save``.
 The bytes are exactly ``torch.save``'s (tested against it for many dtypes and shapes).
 """
@@ -26,7 +26,7 @@ import torch
 from ..serialization import save_to_stream
 from ..zip_crc import hash_combine
 
-__all__ = ["ItemTemplates"]
+__all__ = ["ItemTemplates", "Template", "storage_bytes"]
 
 _DESCRIPTOR = b"PK\x07\x08"
 _CENTRAL = b"PK\x01\x02"
@@ -35,7 +35,9 @@ _DIGITS = 20
 
 
 @dataclass
-class _Template:
+class Template:
+    """``torch.save``'s bytes for one kind of tensor, with holes for the tensor's bytes and their CRC-32."""
+
     prefix: bytes  # everything before the tensor's bytes
     suffix: bytearray  # everything after them, with the CRC-32 and the id's CRC half to patch
     crc_at: list[int]  # offsets in suffix of the tensor record's CRC-32 (descriptor, central directory)
@@ -44,12 +46,36 @@ class _Template:
     crcs: list[int]  # the CRC-32s torch combines into the id, in order
     data_index: int  # which of them is the tensor's
 
+    def suffix_for(self, crc32: int) -> bytes:
+        """The bytes after the tensor's, for a tensor whose bytes have this zip CRC-32."""
+        suffix = bytearray(self.suffix)
+        for at in self.crc_at:
+            struct.pack_into("<I", suffix, at, crc32)
+        crcs = list(self.crcs)
+        crcs[self.data_index] = crc32
+        suffix[self.id_at : self.id_at + _DIGITS] = b"%0*d" % (_DIGITS, _id_value(crcs))
+        id_crc = zlib.crc32(suffix[self.id_at - _DIGITS : self.id_at + _DIGITS])
+        for at in self.id_crc_at:
+            struct.pack_into("<I", suffix, at, id_crc)
+        return bytes(suffix)
+
+
+class _Discard:
+    accepts_tap = True
+
+    def write(self, data: Any, *, tap: Any = None) -> int:
+        return len(memoryview(data))
+
+
+# The CRC-32 a template is recorded with (its tensor's bytes are never read): any value other records do not have.
+_PLACEHOLDER_CRC = 0x5EED1E55
+
 
 @dataclass
 class _Recorder:
-    """A record sink that forwards everything to ``sink`` and notes where the pieces of the archive are."""
+    """A record sink that notes where the pieces of the archive are, leaving the tensor's bytes unread."""
 
-    sink: Any
+    sink: Any = field(default_factory=_Discard)
     stream: bytearray = field(default_factory=bytearray)  # every byte but the tensor's
     data_at: int = -1  # offset in ``stream`` where the tensor's bytes were left out
     data_size: int = 0
@@ -70,21 +96,15 @@ class _Recorder:
         self._name = name
 
     def write_data(self, data: memoryview) -> int:
-        crc = [0]
-
-        def tap(piece: memoryview) -> None:
-            crc[0] = zlib.crc32(piece, crc[0])
-
         if "/data/" in self._name and not self._name.endswith(_ID_SUFFIX):
             self.tensor_records += 1
             self.data_at, self.data_size = len(self.stream), len(data)
-            self.sink.write(data, tap=tap)
-            return crc[0]
+            return _PLACEHOLDER_CRC
         if self._name.endswith(_ID_SUFFIX):
             self.id_at = len(self.stream) + _DIGITS
         self.stream += data
-        self.sink.write(data, tap=tap)
-        return crc[0]
+        self.sink.write(data)
+        return zlib.crc32(data)
 
     def end_record(self, crc32: int, size: int) -> None:
         if size and not self._name.endswith(_ID_SUFFIX):
@@ -105,7 +125,7 @@ def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
     return (t.dtype, tuple(t.shape), t.stride())
 
 
-def _storage_bytes(t: torch.Tensor) -> memoryview:
+def storage_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of ``t``'s storage (what torch.save writes as ``data/0``), without a copy; any dtype."""
     u8 = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
     return memoryview(u8.numpy())  # type: ignore[arg-type]
@@ -119,24 +139,33 @@ def _id_value(crcs: list[int]) -> int:
 
 
 class ItemTemplates:
-    """Writes ``torch.save(tensor)`` into a tappable sink (see :class:`s3ckpt.zip_crc.TappableSink`), from a
-    recorded template once a tensor of the same kind has been saved once. Not thread-safe: one per file."""
+    """Writes ``torch.save(tensor)`` into a tappable sink (see :class:`s3ckpt.zip_crc.TappableSink`) from a
+    template per kind of tensor. A kind's template is recorded by ``torch.save`` of an uninitialized tensor
+    of that kind whose bytes are never read (no memory is touched). Not thread-safe: one per file."""
 
     def __init__(self) -> None:
-        self._templates: dict[tuple[Any, ...], _Template | None] = {}
+        self._templates: dict[tuple[Any, ...], Template | None] = {}
         self.templated = 0  # items written from a template (for tests and logs)
+
+    def template(self, tensor: torch.Tensor) -> Template | None:
+        """The template ``tensor``'s archive follows, or None (a kind ``torch.save`` must write itself)."""
+        key = _key(tensor)
+        if key is None or tensor.nbytes < 8:
+            return None
+        if key not in self._templates:
+            rec = _Recorder()
+            dtype, shape, stride = key
+            save_to_stream(torch.empty_strided(shape, stride, dtype=dtype), rec)  # type: ignore[arg-type]
+            self._templates[key] = _template_of(rec)
+        return self._templates[key]
 
     def save(self, tensor: torch.Tensor, sink: Any) -> None:
         """``torch.save(tensor)``'s exact bytes into ``sink``."""
-        key = _key(tensor)
-        template = self._templates.get(key) if key is not None else None
-        if template is None or tensor.nbytes < 8:
-            self._save_and_record(tensor, sink, key)
-            return
-        data = _storage_bytes(tensor)
-        if data[:4] == _DESCRIPTOR:
-            # torch's writer folds any write that starts like a data descriptor into the id: not templated.
-            self._save_and_record(tensor, sink, None)
+        template = self.template(tensor)
+        data = storage_bytes(tensor) if template is not None else None
+        if template is None or data is None or data[:4] == _DESCRIPTOR:
+            # (torch's writer folds any write that starts like a data descriptor into the id: not templated)
+            save_to_stream(tensor, sink)
             return
         crc = [0]
 
@@ -145,30 +174,15 @@ class ItemTemplates:
 
         sink.write(template.prefix)
         sink.write(data, tap=tap)
-        suffix = template.suffix
-        for at in template.crc_at:
-            struct.pack_into("<I", suffix, at, crc[0])
-        crcs = list(template.crcs)
-        crcs[template.data_index] = crc[0]
-        suffix[template.id_at : template.id_at + _DIGITS] = b"%0*d" % (_DIGITS, _id_value(crcs))
-        id_crc = zlib.crc32(suffix[template.id_at - _DIGITS : template.id_at + _DIGITS])
-        for at in template.id_crc_at:
-            struct.pack_into("<I", suffix, at, id_crc)
-        sink.write(suffix)
+        sink.write(template.suffix_for(crc[0]))
         self.templated += 1
 
-    def _save_and_record(self, tensor: torch.Tensor, sink: Any, key: tuple[Any, ...] | None) -> None:
-        if key is None or key in self._templates:
-            save_to_stream(tensor, sink)
-            return
-        rec = _Recorder(sink)
-        save_to_stream(tensor, rec)  # type: ignore[arg-type]
-        self._templates[key] = _template_of(rec)
 
-
-def _template_of(rec: _Recorder) -> _Template | None:
+def _template_of(rec: _Recorder) -> Template | None:
     """The template recorded by a save, or None where the archive is not the shape this module knows."""
     if rec.tensor_records != 1 or rec.data_index < 0 or rec.id_at < rec.data_at or rec.data_at < 0:
+        return None
+    if rec.crcs.count(_PLACEHOLDER_CRC) != 1:
         return None
     stream = rec.stream
     digits = bytes(stream[rec.id_at : rec.id_at + _DIGITS])
@@ -194,4 +208,4 @@ def _template_of(rec: _Recorder) -> _Template | None:
         pos = suffix.find(_CENTRAL, pos + 46 + name_len)
     if len(crc_at) != 2 or len(id_crc_at) != 2:
         return None
-    return _Template(bytes(stream[: rec.data_at]), suffix, crc_at, id_at, id_crc_at, rec.crcs, rec.data_index)
+    return Template(bytes(stream[: rec.data_at]), suffix, crc_at, id_at, id_crc_at, rec.crcs, rec.data_index)
