@@ -93,7 +93,11 @@ def copy(src_url: str, dst_url: str, *, transport: S3Transport | None = None, ve
     if crc is not None:
         meta: dict[str, object] = dict(found.meta) if found is not None else {}
         meta[COPY_OF_META] = src_key
-        write_manifest(t, result.as_upload(crc), meta)
+        # The same bytes, so the same zip records: a copy (last.ckpt of save_last="link") is a base for the
+        # next incremental save like its source.
+        records = found.records if found is not None else ()
+        transfer = {"uploaded": 0, "copied": result.size, "base": src_url}
+        write_manifest(t, result.as_upload(crc), meta, records=records, transfer=transfer)
     else:
         # No digest to carry: drop a stale manifest of an earlier object at dst, which would now mismatch.
         ops.delete_object(t, dst_bucket, manifest_key(dst_key))

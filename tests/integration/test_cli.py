@@ -24,7 +24,7 @@ import torch
 
 import s3ckpt
 from s3ckpt.cli import main
-from s3ckpt.cli.output import Output
+from s3ckpt.cli.output import Output, human_size
 from s3ckpt.layout import manifest_key, read_manifest
 from s3ckpt.server import LocalS3Server
 from s3ckpt.transport import S3Transport, ops
@@ -138,6 +138,34 @@ def test_inspect_reads_only_the_pickle(
     s3_server.client().put_object(Bucket=bucket, Key="notes.ckpt", Body=b"not a zip")
     code, _, err = cli("inspect", f"s3://{bucket}/notes.ckpt")
     assert code == 1 and "not a zip-format torch.save" in err
+
+
+def test_inspect_shows_how_a_composed_checkpoint_was_saved(cli: Run, transport: S3Transport, bucket: str) -> None:
+    """Bytes uploaded and copied, the base, and the zip records the manifest lists (text and JSON)."""
+    frozen = torch.randn(3 * 1024, 1024, generator=torch.Generator().manual_seed(0))  # 12 MiB, unchanged
+    base, url = f"s3://{bucket}/ft/step=1.ckpt", f"s3://{bucket}/ft/step=2.ckpt"
+    s3ckpt.save({"frozen": frozen, "head": torch.ones(8), "global_step": 1}, base, transport=transport)
+    stats = s3ckpt.save(
+        {"frozen": frozen, "head": torch.zeros(8), "global_step": 2}, url, transport=transport, base=base
+    )
+    assert stats.bytes_copied >= 5 * 1024 * 1024 and stats.base == base, stats
+    manifest = read_manifest(transport, bucket, "ft/step=2.ckpt")
+    assert manifest is not None
+
+    code, out, err = cli("inspect", url)
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.startswith("  ") and line[2] != " "}
+    assert f"{human_size(stats.bytes_uploaded)} (" in rows["uploaded"], out
+    assert f"{human_size(stats.bytes_copied)} (" in rows["copied"], out
+    assert base in rows["base"] and f"{len(manifest.records)} listed in the manifest" in rows["zip"], out
+    code, out, _ = cli("--json", "inspect", url)
+    (rec,) = _json_lines(out)
+    assert (rec["bytes_uploaded"], rec["bytes_copied"]) == (stats.bytes_uploaded, stats.bytes_copied)
+    assert rec["base"] == base and rec["zip_records"] == len(manifest.records) > 2 and rec["copy_of"] is None
+
+    # The base itself: a plain save, everything uploaded, nothing copied, no base shown.
+    code, out, _ = cli("inspect", base)
+    assert code == 0 and "  copied       0 B (0.0%)" in out and "  base" not in out, out
 
 
 def test_sharded_inspect_verify_and_copy(

@@ -1,4 +1,5 @@
-"""`s3ckpt demo` end to end (a short run): it trains, is SIGKILLed, resumes, checks, and exits 0."""
+"""`s3ckpt demo` end to end (a short run): it trains, is SIGKILLed, resumes, fine-tunes with incremental saves,
+checks, and exits 0."""
 
 from __future__ import annotations
 
@@ -26,8 +27,12 @@ def test_demo_short_run_passes() -> None:
             "10",
             "--kill-after",
             "2",
+            "--finetune-steps",
+            "20",
+            # The demo's own width: its frozen layers and their Adam state are runs of 5 MiB or more (S3's
+            # smallest part), so a fine-tuning save has something to copy.
             "--width",
-            "128",
+            "768",
         ],
         capture_output=True,
         text=True,
@@ -43,7 +48,7 @@ def test_demo_short_run_passes() -> None:
 
     # Issue 18, item 7. A deletion is printed once it happened: nothing printed as deleted before the kill is
     # still listed after it.
-    before_kill, after_kill = out.stdout.split("[2/3]", 1)
+    before_kill, after_kill = out.stdout.split("[2/4]", 1)
     listing = after_kill.split("rank 0 resolved the resume checkpoint", 1)[0]
     listed = {line.split()[0]: line for line in listing.splitlines()[1:] if line.strip()}
     deleted = re.findall(r"top-k +deleted \S+/(\S+)", before_kill)
@@ -53,3 +58,13 @@ def test_demo_short_run_passes() -> None:
     assert resumed is not None
     steps = {name: int(m.group(1)) for name, line in listed.items() if (m := re.search(r"step=(\d+)  committed", line))}
     assert steps[resumed.group(1)] == max(steps.values()), listing
+
+    # Fine-tuning: the frozen layers are copied on the store from the previous save, and the summary says so.
+    finetune = out.stdout.split("[4/4]", 1)[1]
+    assert "OK: the fine-tuned checkpoints load (checksums verified) with the frozen weights unchanged." in finetune
+    copied = re.findall(r"uploaded ([\d.]+) MB, copied ([\d.]+) MB on the store from (\S+)", finetune)
+    assert copied and all(float(c) > float(u) for u, c, _ in copied), finetune
+    assert re.search(
+        r"checkpoints saved +\d+ \([\d.]+ MB: [\d.]+ MB uploaded, [\d.]+ MB copied on the store\)", out.stdout
+    )
+    assert "incremental saves" in out.stdout

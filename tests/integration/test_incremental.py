@@ -162,3 +162,14 @@ def test_saving_over_the_base_itself_composes_from_its_old_bytes(transport: S3Tr
     assert stats.bytes_copied >= 10 * MiB and stats.base == url
     assert stored_bytes(transport, url) == torch_save_bytes(state)
     assert s3ckpt.verify(url, transport=transport).crc32c == stats.crc32c
+
+
+def test_a_server_side_copy_is_a_base_like_its_source(transport: S3Transport, bucket: str) -> None:
+    """``last.ckpt`` of ``save_last="link"`` is a copy: its manifest carries the source's records."""
+    src, link, url = (f"s3://{bucket}/link/{n}.ckpt" for n in ("step=1", "last", "step=2"))
+    s3ckpt.save(fine_tuning_state(1, frozen=2), src, transport=transport)
+    s3ckpt.copy(src, link, transport=transport)
+    state = fine_tuning_state(2, frozen=2)
+    stats = s3ckpt.save(state, url, transport=transport, base=link)
+    assert stats.base == link and stats.bytes_copied >= 10 * MiB
+    assert stored_bytes(transport, url) == torch_save_bytes(state)

@@ -15,6 +15,26 @@ __all__ = ["cmd_inspect", "describe"]
 _MAX_FILES_SHOWN = 20
 
 
+def _share(n: int, total: int) -> str:
+    return f"{human_size(n)} ({100.0 * n / total if total else 100.0:.1f}%)"
+
+
+def _transfer_rows(s: CheckpointSummary) -> list[tuple[str, str]]:
+    """How a file was saved, from its manifest: uploaded, copied on the store (and from what), zip records."""
+    if s.manifest_error is not None:
+        return [("manifest", s.manifest_error)]
+    if s.bytes_uploaded is None or s.bytes_copied is None:
+        return [("manifest", "none (not saved by s3ckpt)")] if s.kind == "file" else []
+    rows = [("uploaded", _share(s.bytes_uploaded, s.size)), ("copied", _share(s.bytes_copied, s.size))]
+    if s.copy_of is not None:
+        rows.append(("copy of", f"{s.copy_of} (a server-side copy)"))
+    if s.bytes_copied and s.base is not None:
+        rows.append(("base", f"{s.base} (its unchanged records copied on the store)"))
+    records = f"{s.zip_records} listed in the manifest" if s.zip_records else "none listed in the manifest"
+    rows.append(("zip records", records))
+    return rows
+
+
 def _print(ctx: Context, s: CheckpointSummary) -> None:
     out = ctx.out
     out.result(s.url)
@@ -34,12 +54,14 @@ def _print(ctx: Context, s: CheckpointSummary) -> None:
         rows.append(("not loaded", ", ".join(f"{k} x{n}" for k, n in s.not_loaded.items())))
     if s.metadata_error is not None:
         rows.append(("metadata", s.metadata_error))
+    rows += _transfer_rows(s)
     if s.bytes_fetched or s.kind != "sharded":
         share = 100.0 * s.bytes_fetched / s.size if s.size else 100.0
         requests = f" in {s.requests} request(s)" if s.kind != "sharded" else ""
         rows.append(("fetched", f"{human_size(s.bytes_fetched)} of {human_size(s.size)} ({share:.2f}%){requests}"))
+    width = max(len(name) for name, _ in rows)
     for name, value in rows:
-        out.result(f"  {name:<12}{value}")
+        out.result(f"  {name:<{width}}  {value}")
     if s.keys:
         out.result("  keys")
         width = min(32, max(len(k) for k in s.keys))

@@ -6,7 +6,10 @@
 3. Kills the training process with SIGKILL partway, the way a node dies.
 4. Finds the checkpoint to resume from through the rank-0 discovery path, resumes in a new process, and
    checks that the resumed weights, optimizer state, step and epoch equal that committed checkpoint.
-5. Prints a summary and exits non-zero if any check failed.
+5. Fine-tunes the last layer (the rest frozen) in a third process with ``S3CheckpointIO(incremental=True)``:
+   each save uploads what changed and has the store copy the rest from the previous checkpoint; checks that
+   the newest one loads (checksum verified) with the frozen weights unchanged (``--finetune-steps 0``: skip).
+6. Prints a summary (per save: bytes uploaded, and copied on the store) and exits non-zero if a check failed.
 """
 
 from __future__ import annotations
@@ -22,22 +25,12 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .report import Run, narrate, summary
+
 __all__ = ["main"]
-
-
-@dataclass
-class Run:
-    """What one worker process reported."""
-
-    events: list[dict[str, Any]] = field(default_factory=list)
-    returncode: int | None = None
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == kind]
 
 
 def _run_worker(
@@ -57,7 +50,7 @@ def _run_worker(
             continue
         event = json.loads(line)
         run.events.append(event)
-        _narrate(event)
+        narrate(event)
         if kill_after_saves is not None and len(run.of("saved")) >= kill_after_saves:
             # Mid-training, with the next async save possibly in flight: the way a node dies.
             time.sleep(0.5)
@@ -68,25 +61,6 @@ def _run_worker(
     watchdog.cancel()
     run.returncode = proc.returncode
     return run
-
-
-def _narrate(event: dict[str, Any]) -> None:
-    kind = event.get("event")
-    if kind == "saved":
-        print(
-            f"  saved    {event['path']}  {event['bytes'] / 1e6:6.1f} MB  upload {event['upload_s']:.2f} s  "
-            f"(training stalled {event['stall_s'] * 1000:.0f} ms)",
-            flush=True,
-        )
-    elif kind == "removed" and (event.get("cancelled") or event.get("done_at")):
-        # Reported once carried out: async, a removal waits for the newer save, and a crash can come first.
-        state = "cancelled" if event.get("cancelled") else "deleted"
-        print(f"  top-k    {state} {event['path']}", flush=True)
-    elif kind == "copied":
-        what = "cancelled (its source failed)" if event.get("cancelled") else "server-side copy of"
-        print(f"  link     {event['dst'].rsplit('/', 1)[-1]} = {what} {event['src'].rsplit('/', 1)[-1]}", flush=True)
-    elif kind == "resumed":
-        print(f"  resumed  at global_step={event['global_step']} epoch={event['epoch']}", flush=True)
 
 
 def _compare(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
@@ -115,6 +89,25 @@ def _compare(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _check_finetune(run: Run, transport: Any, log_path: str) -> list[str]:
+    """The fine-tuning run ended well, and its newest checkpoint (composed on the store from the ones before)
+    loads, checksum verified, with the frozen weights of the checkpoint fine-tuning started from."""
+    import torch
+
+    from s3ckpt import checkpoint as ck
+
+    if run.returncode != 0:
+        print(Path(log_path).read_text()[-3000:], file=sys.stderr)
+        return [f"the fine-tuning run failed (exit {run.returncode}); see {log_path}"]
+    saves, started, frozen = run.of("saved"), run.of("resume_path"), run.of("frozen")
+    if not saves or not started or not frozen:
+        return ["the fine-tuning run saved no checkpoint"]
+    before = ck.load(started[0]["path"], weights_only=False, transport=transport)["state_dict"]
+    after = ck.load(saves[-1]["path"], weights_only=False, transport=transport)["state_dict"]
+    changed = [k for k in frozen[0]["params"] if not torch.equal(before[k], after[k])]
+    return [f"frozen weights changed in fine-tuning: {changed[:3]}"] if changed else []
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code (0 when every check passed)."""
     parser = argparse.ArgumentParser(prog="s3ckpt demo", description=__doc__.splitlines()[0])
@@ -124,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=20, help="save a checkpoint every N steps")
     parser.add_argument("--kill-after", type=int, default=4, help="SIGKILL after this many committed saves")
     parser.add_argument("--resume-steps", type=int, default=120, help="training steps after the resume")
+    parser.add_argument(
+        "--finetune-steps", type=int, default=60, help="steps of fine-tuning with incremental saves (0: skip)"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="give up (and fail) after this many seconds")
     parser.add_argument("--width", type=int, default=768, help="hidden width of the demo MLP")
     args = parser.parse_args(argv)
@@ -168,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             # The first run has no step limit: it is killed after --kill-after committed saves, however fast
             # the machine trains, so the kill always lands mid-training.
             cfg = {"dirpath": dirpath, "max_steps": 10**9, "every_n_train_steps": args.every, "width": args.width}
+            phases = 4 if args.finetune_steps > 0 else 3
+            third: Run | None = None
             log_path = os.path.join(tmp, "worker.log")
             with open(log_path, "w") as log:
                 print(
-                    f"\n[1/3] Training with async S3 checkpoints to {dirpath} "
+                    f"\n[1/{phases}] Training with async S3 checkpoints to {dirpath} "
                     "(top-k=2, last.ckpt a server-side copy) ...",
                     flush=True,
                 )
@@ -179,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 if first.returncode != -signal.SIGKILL:
                     failures.append(f"the training process was not killed as planned (exit {first.returncode})")
 
-                print("\n[2/3] After the crash: what is on S3, and what would resume pick?", flush=True)
+                print(f"\n[2/{phases}] After the crash: what is on S3, and what would resume pick?", flush=True)
                 entries = list_checkpoints(transport, dirpath, with_manifests=True)
                 for e in entries:
                     mark = "committed" if e.committed else f"UNCOMMITTED ({e.reason})"
@@ -194,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 expected = ck.load(resume_url, weights_only=False, transport=transport) if resume_url else None
                 load_s = time.perf_counter() - t0
 
-                print("\n[3/3] Resuming in a new process ...", flush=True)
+                print(f"\n[3/{phases}] Resuming in a new process ...", flush=True)
                 cfg["state_out"] = os.path.join(tmp, "resumed.pt")
                 cfg["max_steps"] = (expected["global_step"] if expected else 0) + args.resume_steps
                 second = _run_worker("resume", cfg, env, kill_after_saves=None, log=log, timeout=args.timeout)
@@ -211,50 +209,19 @@ def main(argv: list[str] | None = None) -> int:
 
                     got = torch.load(cfg["state_out"], weights_only=False)
                     failures += _compare(expected, got)
-            _summary(first, second, entries, resume_url, expected, load_s, failures)
+                if phases == 4 and second.returncode == 0:
+                    print(
+                        "\n[4/4] Fine-tuning the last layer, the rest frozen, with incremental saves "
+                        "(S3CheckpointIO(incremental=True)) ...",
+                        flush=True,
+                    )
+                    end = next((e["global_step"] for e in second.of("finished")), cfg["max_steps"])
+                    tune = {**cfg, "state_out": None, "finetune": True, "max_steps": end + args.finetune_steps}
+                    third = _run_worker("resume", tune, env, kill_after_saves=None, log=log, timeout=args.timeout)
+                    log.flush()
+                    failures += _check_finetune(third, transport, log_path)
+            summary(first, second, entries, resume_url, expected, load_s, failures, third)
     finally:
         if server is not None:
             server.stop()
     return 1 if failures else 0
-
-
-def _summary(
-    first: Run,
-    second: Run,
-    entries: list[Any],
-    resume_url: str | None,
-    expected: dict[str, Any] | None,
-    load_s: float,
-    failures: list[str],
-) -> None:
-    saves = first.of("saved") + second.of("saved")
-    removed = first.of("removed") + second.of("removed")
-    copies = first.of("copied") + second.of("copied")
-    made = [c for c in copies if not c.get("cancelled")]
-    total = sum(e["bytes"] for e in saves)
-    print("\nSummary", flush=True)
-    print(f"  checkpoints uploaded     {len(saves)} ({total / 1e6:.1f} MB uploaded in total)")
-    print(
-        f"  last.ckpt copies         {len(made)} server-side ({sum(c['bytes'] for c in made) / 1e6:.1f} MB not "
-        f"uploaded again){f', {len(copies) - len(made)} cancelled' if len(copies) > len(made) else ''}"
-    )
-    if saves:
-        gbps = [e["bytes"] / e["upload_s"] / 1e9 for e in saves if e["upload_s"] > 0]
-        stall = [e["stall_s"] for e in saves]
-        print(f"  save throughput          {min(gbps):.3f}-{max(gbps):.3f} GB/s (upload in the background)")
-        print(f"  training stalled         {sum(stall):.2f} s in total, max {max(stall) * 1000:.0f} ms per save")
-    if expected is not None and resume_url:
-        size = next((e.size for e in entries if e.url == resume_url), 0)
-        rate = f"{size / load_s / 1e9:.3f} GB/s" if load_s > 0 and size else "n/a"
-        print(f"  resume checkpoint        {resume_url} (loaded in {load_s:.2f} s, {rate})")
-        print(f"  resumed at               global_step={expected['global_step']} epoch={expected['epoch']}")
-    for e in removed:
-        if e.get("cancelled") or e.get("done_at"):
-            what = "kept (its replacement failed)" if e.get("cancelled") else "deleted by top-k"
-            print(f"  {what:24s} {e['path']}")
-    if failures:
-        print("\nFAILED:", flush=True)
-        for f in failures:
-            print(f"  - {f}", flush=True)
-    else:
-        print("\nOK: the resumed weights, optimizer state, step and epoch equal the last committed checkpoint.")

@@ -23,6 +23,16 @@ class DemoRegressor(LightningModule):
         self.net = nn.Sequential(*layers)
         self.lr = lr
 
+    def freeze_backbone(self) -> list[str]:
+        """Freeze every layer but the last (fine-tuning the head); returns the frozen parameters' names.
+
+        The optimizer keeps every parameter (so a checkpoint of the full run still loads into it): Adam skips
+        those without a gradient, so their weights and optimizer state stay the same bytes from save to save.
+        """
+        head = len(self.net) - 1
+        self.net[:head].requires_grad_(False)
+        return [name for name, p in self.named_parameters() if not p.requires_grad]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # type: ignore[no-any-return]
 

@@ -1,7 +1,8 @@
 """The demo's training process: ``python -m s3ckpt.demo.worker {train,resume} CONFIG_JSON``.
 
 It reports what happens as JSON lines on stdout (saves committed, removals, the state it resumed from), so
-the parent can kill it at a chosen moment and check the resume.
+the parent can kill it at a chosen moment and check the resume. With ``"finetune": true`` in the config it
+freezes all but the model's last layer and saves incrementally (``S3CheckpointIO(incremental=True)``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Reporter(Callback):
                 upload_s=r.upload_s,
                 stall_s=r.stall_s,
                 committed_at=r.committed_at,
+                bytes_uploaded=r.bytes_uploaded,
+                bytes_copied=r.bytes_copied,
+                base=r.base,
+                incremental=bool(getattr(self.io, "incremental", False)),
             )
         self.seen = len(records)
         # Only once carried out (or cancelled): async, a removal waits for the newer save to commit, and a
@@ -94,12 +99,16 @@ def run(mode: str, cfg: dict[str, Any]) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     dirpath = cfg["dirpath"]
+    finetune = bool(cfg.get("finetune"))
     io = S3CheckpointIO(
         dirpath=dirpath,
         chunk_size_MB=cfg.get("chunk_size_MB", 8),
         max_read_concurrency=cfg.get("max_read_concurrency", 8),
         max_write_concurrency=cfg.get("max_write_concurrency", 4),
         async_checkpointing=True,  # max_pending_saves=2 (the default): a save never waits for the previous upload
+        # Fine-tuning: the frozen weights (and their optimizer state) are the same bytes in every checkpoint, so
+        # each save has the store copy them from the previous one and uploads only what changed.
+        incremental=finetune,
     )
     ckpt = S3ModelCheckpoint(
         dirpath=dirpath,
@@ -123,6 +132,8 @@ def run(mode: str, cfg: dict[str, Any]) -> None:
         num_sanity_val_steps=0,
     )
     model = DemoRegressor(width=cfg.get("width", 768))
+    if finetune:
+        emit("frozen", params=model.freeze_backbone())
     data = demo_data()
     ckpt_path = None
     if mode == "resume":

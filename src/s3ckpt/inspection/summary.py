@@ -3,7 +3,9 @@
 A ``torch.save`` file's pickle is a few KiB at a known place (:mod:`.zipread` finds it with two or three
 ranged GETs); :mod:`.safe_pickle` reads it with an allow-list that builds descriptions, never objects, so
 nothing in the checkpoint runs. A sharded (DCP) checkpoint is described by its file listing and its
-``.metadata``, read the same way.
+``.metadata``, read the same way. A file's s3ckpt manifest (one small GET) adds how it was saved: the bytes
+uploaded, the bytes the store copied (from an incremental save's base, or for a server-side copy), and the
+zip records it lists.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..transport import ops
 from ..transport.context import S3Transport
 from ..transport.ops import ObjectInfo
 from ..units import human_size
+from .provenance import from_manifest
 from .safe_pickle import Opaque, PickleSummary, TensorRef, safe_load
 from .zipread import NotAZipError, RangeReader, RemoteZip
 
@@ -62,6 +65,15 @@ class CheckpointSummary:
         files: a sharded checkpoint's files, name -> size.
         entries: a sharded checkpoint's metadata entries, and ``non_tensor_entries`` the non-tensor ones.
         metadata_error: why a sharded checkpoint's ``.metadata`` could not be read, if it could not.
+        bytes_uploaded: from a file's s3ckpt manifest: the bytes the saving client sent; None without a
+            manifest that describes the object. A manifest from before incremental saves: ``size``.
+        bytes_copied: the bytes the store copied instead (an incremental save's records unchanged since
+            ``base``; the whole object for a server-side copy such as ``last.ckpt``); 0 for a plain save.
+        base: the checkpoint an incremental save was composed from (its unchanged records copied).
+        copy_of: for a server-side copy, the key of its source, as its manifest records it (as ``ls`` shows).
+        zip_records: how many zip records the manifest lists (what a later incremental save can copy from);
+            0 if it lists none (a save from before incremental saves, a copy).
+        manifest_error: why the manifest was not used (unreadable, or it describes other bytes), if so.
     """
 
     url: str
@@ -88,6 +100,12 @@ class CheckpointSummary:
     entries: int | None = None
     non_tensor_entries: int | None = None
     metadata_error: str | None = None
+    bytes_uploaded: int | None = None
+    bytes_copied: int | None = None
+    base: str | None = None
+    copy_of: str | None = None
+    zip_records: int | None = None
+    manifest_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that apply to this kind, as plain JSON values (``s3ckpt --json inspect`` prints it)."""
@@ -124,6 +142,16 @@ class CheckpointSummary:
         )
         if self.kind == "model_parallel":
             out.update(ranks=list(self.ranks), committed=self.committed)
+        else:
+            out.update(
+                bytes_uploaded=self.bytes_uploaded,
+                bytes_copied=self.bytes_copied,
+                base=self.base,
+                copy_of=self.copy_of,
+                zip_records=self.zip_records,
+            )
+            if self.manifest_error is not None:
+                out["manifest_error"] = self.manifest_error
         return out
 
 
@@ -196,8 +224,9 @@ def _from_pickle(summary: PickleSummary) -> dict[str, Any]:
     }
 
 
-def summarize_object(t: S3Transport, info: ObjectInfo) -> CheckpointSummary:
-    """Describe one ``torch.save`` object from its central directory and pickle only.
+def summarize_object(t: S3Transport, info: ObjectInfo, *, manifest: bool = True) -> CheckpointSummary:
+    """Describe one ``torch.save`` object from its central directory and pickle only, and (``manifest``) from
+    its s3ckpt manifest, if it has one, how it was saved.
 
     Raises:
         NotAZipError: the object is not a zip-format ``torch.save`` file.
@@ -218,6 +247,8 @@ def summarize_object(t: S3Transport, info: ObjectInfo) -> CheckpointSummary:
     except Exception as exc:  # the restricted unpickler only builds stand-ins: any failure means unreadable
         raise CheckpointCorruptedError(f"{url}: {member.name} is not a readable pickle: {exc}") from exc
     found["storage_bytes"] = sum(m.size for m in archive.members if "/data/" in m.name) or found["storage_bytes"]
+    if manifest:
+        found.update(from_manifest(t, info, reader))
     return CheckpointSummary(
         url=url,
         kind="file",
@@ -331,8 +362,9 @@ def summarize_entry(t: S3Transport, entry: CheckpointEntry) -> CheckpointSummary
     if entry.kind == "sharded":
         return summarize_sharded(t, entry)
     bucket, _ = parse_s3_url(entry.url)
-    # A model-parallel group: every rank holds the same structure, so rank 0's file describes it.
-    first = summarize_object(t, ops.head(t, bucket, entry.keys[0]))
+    # A model-parallel group: every rank holds the same structure, so rank 0's file describes it (but not
+    # how the others were saved: rank 0's manifest alone would misstate the group's transfer, so it is not read).
+    first = summarize_object(t, ops.head(t, bucket, entry.keys[0]), manifest=False)
     return dataclasses.replace(
         first, url=entry.url, kind="model_parallel", ranks=tuple(entry.keys), committed=entry.committed
     )
