@@ -9,8 +9,9 @@ filler costs about 0.4 ms of Python per item; a model has hundreds of items per 
 
 :class:`ItemTemplates` runs the real ``torch.save`` once per (dtype, shape, strides), on an uninitialized tensor
 whose bytes it never reads, records where those three things are, and for every tensor of that kind writes the
-recorded bytes around the tensor's own, patching the CRC-32 and the serialization id in. Recording a template checks that the serialization id
-it recomputes is the one torch wrote; if not (another torch), that kind is always saved by ``torch.save``.
+recorded bytes around the tensor's own, patching the CRC-32 and the serialization id in. Recording a template
+checks that the serialization id it recomputes is the one torch wrote; if not (another torch), that kind is
+always saved by ``torch.save``.
 The bytes are exactly ``torch.save``'s (tested against it for many dtypes and shapes).
 """
 
