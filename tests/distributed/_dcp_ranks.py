@@ -84,8 +84,10 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - ru
     wire = KeyCounter(t)
     placements = {"layer.big": [Shard(0)], "layer.w": [Shard(0)], "emb": [Shard(1)], "rep": [Replicate()]}
 
-    def state_for(seed: int, big_rows: int, empty: bool) -> dict[str, Any]:
+    def state_for(seed: int, big_rows: int, empty: bool, bump: Any = ()) -> dict[str, Any]:
         full = full_state(seed, big_rows)
+        for k in bump:  # these tensors changed since the checkpoint of this seed (incremental saves)
+            full[k] = full[k] + 1
         out: dict[str, Any] = {
             k: distribute_tensor(torch.zeros_like(v) if empty else v, mesh, placements[k], src_data_rank=None)
             for k, v in full.items()
@@ -126,19 +128,20 @@ def _rank_main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - ru
         elif kind == "save_replicated":
             s3dcp.save(replicated_state(op["style"]), url, transport=t)
         elif kind in ("save", "async_save", "kill_save"):
-            writer = S3StorageWriter(url, transport=t, prefix_strategy=strategy)
-            state = state_for(seed, big, empty=False)
+            writer = S3StorageWriter(url, transport=t, prefix_strategy=strategy, base=op.get("base"))
+            state = state_for(seed, big, empty=False, bump=op.get("bump", ()))
             if kind == "async_save":
                 dcp.async_save(state, storage_writer=writer).result()
             else:
                 dcp.save(state, storage_writer=writer, planner=KillingPlanner() if kind == "kill_save" else None)
+            extra["copied"] = writer.bytes_copied
         else:
-            state = state_for(seed, big, empty=True)
+            state = state_for(seed, big, empty=True, bump=op.get("bump", ()))
             if op.get("via") == "wrapper":  # s3ckpt.dcp.load: .metadata fetched by rank 0 and broadcast
                 s3dcp.load(state, url, transport=t)
             else:
                 dcp.load(state, storage_reader=S3StorageReader(url, transport=t))
-            expected = state_for(seed, big, empty=False)
+            expected = state_for(seed, big, empty=False, bump=op.get("bump", ()))
             for k, v in state.items():
                 if isinstance(v, DTensor):
                     assert torch.equal(v.to_local(), expected[k].to_local()), f"{url} {k} rank {rank}"

@@ -274,7 +274,7 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
         kind, dirpath = phase["kind"], phase["dirpath"]
         label = phase.get("label", kind)
         s3 = {"async_checkpointing": phase.get("async", False)}
-        s3.update({k: phase[k] for k in ("reader", "on_save_error") if k in phase})
+        s3.update({k: phase[k] for k in ("reader", "on_save_error", "incremental") if k in phase})
         next_group()
         if not phase.get("resume_only"):
             if phase.get("kill", {}).get("rank") == rank:
@@ -293,6 +293,7 @@ def main(cfg: dict[str, Any], rank: int) -> None:  # pragma: no cover - runs in 
             out[f"{label}:failed"] = sorted(r.path for r in io.failed_saves)
             out[f"{label}:cancelled"] = sorted(r.path for r in io.removals if r.cancelled)
             out[f"{label}:stall_vs_save"] = [(r.stall_s, r.save_s) for r in io.records if not r.failed]
+            out[f"{label}:incremental"] = io.incremental
         if phase.get("train_only"):
             continue
 

@@ -68,16 +68,22 @@ def ranks_2(s3_server: Any, saved_by_4: dict[str, Any], tmp_path_factory: pytest
     urls = saved_by_4["urls"]
     base = urls["flat"].rsplit("/", 2)[0] + "/run2"
     two, killed = f"{base}/step-7", f"{base}/step-8"
+    inc = {name: f"{base}/inc-{name}" for name in ("base", "composed", "plain")}
+    big, bump = 4 * RANK_BIG_ROWS, ["layer.w"]
     plan = [
         {"op": "load", "url": urls["flat"], "seed": 1, "big_rows": BIG_ROWS},
         {"op": "load", "url": urls["prefixed"], "seed": 2},
         {"op": "load", "url": urls["async"], "seed": 3},
         {"op": "save", "url": two, "seed": 7},
         {"op": "load", "url": two, "seed": 7},
+        {"op": "save", "url": inc["base"], "seed": 9, "big_rows": big},
+        {"op": "save", "url": inc["composed"], "seed": 9, "big_rows": big, "bump": bump, "base": inc["base"]},
+        {"op": "save", "url": inc["plain"], "seed": 9, "big_rows": big, "bump": bump},
+        {"op": "load", "url": inc["composed"], "seed": 9, "big_rows": big, "bump": bump, "via": "wrapper"},
         {"op": "kill_save", "url": killed, "seed": 8, "big_rows": 2 * RANK_BIG_ROWS},
     ]
     results = run_ranks(s3_server, 2, plan, tmp_path_factory.mktemp("ranks2"), victim=1)
-    return {"results": results, "base": base, "two": two, "killed": killed}
+    return {"results": results, "base": base, "two": two, "killed": killed, "inc": inc}
 
 
 @pytest.fixture
@@ -170,7 +176,17 @@ def test_replicated_state_is_uploaded_once_and_spread(saved_by_4: dict[str, Any]
 @pytest.mark.timeout(240)
 def test_reshard_4_to_2_and_2_rank_round_trip(ranks_2: dict[str, Any]) -> None:
     for rank_results in ranks_2["results"]:
-        assert [r["op"] for r in rank_results] == ["load", "load", "load", "save", "load"]
+        assert [r["op"] for r in rank_results] == [
+            "load",
+            "load",
+            "load",
+            "save",
+            "load",
+            "save",
+            "save",
+            "save",
+            "load",
+        ]
 
 
 def test_reshard_4_to_1(saved_by_4: dict[str, Any], t: S3Transport) -> None:
@@ -218,6 +234,25 @@ def test_rank_killed_mid_save(ranks_2: dict[str, Any], dcp_bucket: str, t: S3Tra
     assert ops.list_uploads(t, dcp_bucket, prefix) == []
     assert _keys(t, url) == [".metadata", ".metadata.s3ckpt.json", "__0_0.distcp"]
     _load_full(url, 13, t)
+
+
+@pytest.mark.timeout(240)
+def test_incremental_sharded_save_copies_unchanged_items(ranks_2: dict[str, Any], t: S3Transport) -> None:
+    """Two ranks save ``S3StorageWriter(base=...)`` with one small tensor changed: each rank copies its big
+    unchanged shard on the store, and every rank file is byte for byte the plain save's."""
+    inc = ranks_2["inc"]
+    copied = [next(r["copied"] for r in rank if r["url"] == inc["composed"]) for rank in ranks_2["results"]]
+    plain = [next(r["copied"] for r in rank if r["url"] == inc["plain"]) for rank in ranks_2["results"]]
+    assert plain == [0, 0]
+    assert all(c >= 5 * 1024 * 1024 for c in copied), copied  # each rank's 11 MiB layer.big shard, less a part
+    bucket = inc["base"][len("s3://") :].split("/", 1)[0]
+    prefix = {k: v.split("/", 3)[3] for k, v in inc.items()}
+    files = [k for k in _keys(t, inc["plain"]) if k.endswith(".distcp")]
+    assert files == [k for k in _keys(t, inc["composed"]) if k.endswith(".distcp")] and len(files) == 2
+    for rel in files:
+        composed = ops.get_bytes(t, bucket, f"{prefix['composed']}/{rel}")
+        assert composed == ops.get_bytes(t, bucket, f"{prefix['plain']}/{rel}"), rel
+        assert composed != ops.get_bytes(t, bucket, f"{prefix['base']}/{rel}"), rel
 
 
 def test_modified_data_file_is_refused(t: S3Transport, bucket: str, s3_server: Any) -> None:

@@ -56,7 +56,9 @@ def test_model_parallel_fsdp2_save_topk_last_resume(
     workdir = tmp_path_factory.mktemp("sharded-mp")
     denied = f"s3://{bucket}/mp-denied"
     phases = [
-        {"kind": "mp", "dirpath": sync_dir, "steps": 6, "last": True, "resume": "last"},
+        # incremental: each save composes from the one before (the items are too small to be copied: the
+        # DCP test covers copying; this one that composing saves resume exactly)
+        {"kind": "mp", "dirpath": sync_dir, "steps": 6, "last": True, "resume": "last", "incremental": True},
         # Every upload refused (a read-only identity), async, on_save_error="warn": training goes on, each
         # failed save is recorded on every rank, and no removal runs for a save that did not commit.
         {"kind": "mp", "label": "denied", "dirpath": denied, "steps": 6, "last": False, "resume": "last"}
@@ -72,6 +74,7 @@ def test_model_parallel_fsdp2_save_topk_last_resume(
         },
     ]
     per_rank = _run(s3_server, workdir, phases)
+    assert all(r["mp:incremental"] for r in per_rank)
     assert not any(r["local_s3_dir"] for r in per_rank), "a local s3: folder was created"
     assert not (ROOT / "s3:").exists()
     t = _transport(s3_server)
@@ -118,6 +121,7 @@ def test_fsdp1_sharded_and_full_state(s3_server: LocalS3Server, tmp_path_factory
         {"kind": "full", "dirpath": full, "steps": 4, "last": True, "resume": "last"},
     ]
     per_rank = _run(s3_server, workdir, phases)
+    assert all(r["mp:incremental"] for r in per_rank)
     assert not any(r["local_s3_dir"] for r in per_rank), "a local s3: folder was created"
     t = _transport(s3_server)
     for kind, dirpath, shape in (("fsdp", sharded, "sharded"), ("full", full, "file")):

@@ -138,6 +138,8 @@ class RankFiles:
 
     rank: int
     directory: str
+    base: Any = None
+    """:class:`s3ckpt.dcp.incremental.BaseItems`: the base's records of this rank's items (incremental saves)."""
 
     def relative_path(self, n: int) -> str:
         name = f"__{self.rank}_{n}{DATA_SUFFIX}"

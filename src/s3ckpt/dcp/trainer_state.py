@@ -55,6 +55,7 @@ def save_state(
     *,
     transport: S3Transport,
     process_group: Any = None,
+    base: str | None = None,
 ) -> None:
     """Save ``converted`` (module and optimizer state dicts, sharded) and ``meta`` as one committed
     checkpoint at ``url``, replacing a checkpoint there (its ``.metadata`` is deleted before any rank
@@ -63,13 +64,22 @@ def save_state(
     Args:
         meta: the trainer state for ``meta.pt``; only the coordinator's (global rank 0) is used. ``None``
             writes no ``meta.pt`` (Fabric without extra state).
+        base: an earlier committed checkpoint to copy unchanged items from (``S3StorageWriter(base=...)``).
     """
     extra: dict[str, bytes] = {}
     if meta is not None and get_rank() == 0:
         buf = io.BytesIO()
         torch.save(dict(meta), buf)
         extra[META_NAME] = buf.getvalue()
-    dcp_save(converted, url, transport=transport, overwrite=True, extra_files=extra, process_group=process_group)
+    dcp_save(
+        converted,
+        url,
+        transport=transport,
+        overwrite=True,
+        extra_files=extra,
+        process_group=process_group,
+        base=base,
+    )
 
 
 def probe(url: str, transport: S3Transport, *, verify: bool = True) -> Probe:

@@ -21,11 +21,14 @@ from torch.futures import Future
 from ..budget import ShardBudget, check_shard_budget
 from ..checkpoint import resolve_transport
 from ..errors import ConfigError
+from ..incremental.fallback import compose_store_checksum
 from ..serialization import ZipLayoutError, disable_crc_filling
 from ..transport.client import ClientFactory
+from ..transport.compose import ComposingWriter, CopyPartError, CopySource
 from ..transport.context import S3Transport
-from ..transport.upload import MultipartWriter
+from ..transport.upload import MultipartWriter, UploadResult
 from .commit import clear_previous, commit
+from .incremental import BaseItems, ItemComposer, base_items_for
 from .item_template import ItemTemplates
 from .layout import (
     FlatPrefixStrategy,
@@ -136,6 +139,10 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         strict_request_budget: raise ``ConfigError`` instead of warning when the save would send more write
             requests per second to one prefix than S3 serves (:func:`s3ckpt.budget.check_shard_budget`, run by
             the coordinator before any rank writes; the message names the ``NumericPrefixStrategy(n)`` needed).
+        base: an earlier committed checkpoint saved by s3ckpt (``s3://...``) to compose from: each rank's items
+            whose bytes are unchanged since ``base`` are copied by the store instead of uploaded, the files
+            stay byte for byte what a plain save writes (see :mod:`s3ckpt.dcp.incremental`). An unusable base
+            (missing, not committed, the same prefix) or a store that cannot copy parts: everything uploaded.
     """
 
     def __init__(
@@ -150,6 +157,7 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         extra_files: Mapping[str, bytes] | None = None,
         overwrite: bool = False,
         strict_request_budget: bool = False,
+        base: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self.extra_files = {check_extra_name(k): bytes(v) for k, v in (extra_files or {}).items()}
@@ -170,6 +178,8 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         self.files_per_rank = files_per_rank
         self.overwrite = overwrite
         self.strict_request_budget = strict_request_budget
+        self.base = str(base) if base is not None else None
+        self.bytes_copied = 0  # this rank's bytes copied from the base by the last save
         self.request_budget: ShardBudget | None = None  # set on the coordinator by prepare_global_plan
         self.url: str | None = None
         self.bucket = ""
@@ -232,11 +242,15 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
             strict=self.strict_request_budget,
             where=self.url or "",
         )
+        bases: list[BaseItems | None] = [None] * len(plans)
+        if self.base is not None and split_url(self.base) != (self.bucket, self.prefix):
+            # Read once, here: each rank gets the base's records of its own items inside its plan.
+            bases = base_items_for(self.transport, self.base, plans, where=self.url or "")
         clear_previous(
             self.transport, self.bucket, self.prefix, overwrite=self.overwrite, extra_names=list(self.extra_files)
         )
         return [
-            dataclasses.replace(plan, storage_data=RankFiles(rank, self.prefix_strategy.rank_dir(rank)))
+            dataclasses.replace(plan, storage_data=RankFiles(rank, self.prefix_strategy.rank_dir(rank), bases[rank]))
             for rank, plan in enumerate(plans)
         ]
 
@@ -247,27 +261,36 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
             raise TypeError(f"SavePlan.storage_data is {type(files).__name__}, not set by S3StorageWriter")
         bins = [b for b in _split(plan.items, self.files_per_rank) if b]
         jobs = [(files.relative_path(n), b) for n, b in enumerate(bins)]
-        per_file = self._write_files(jobs, planner)
+        self.bytes_copied = 0
+        per_file = self._write_files(jobs, planner, files.base)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result([wr for results in per_file for wr in results])
         return fut
 
-    def _write_files(self, jobs: list[tuple[str, list[WriteItem]]], planner: SavePlanner) -> list[list[WriteResult]]:
+    def _write_files(
+        self, jobs: list[tuple[str, list[WriteItem]]], planner: SavePlanner, base: BaseItems | None
+    ) -> list[list[WriteResult]]:
         try:
-            return self._write_files_once(jobs, planner)
+            try:
+                return self._write_files_once(jobs, planner, base)
+            except CopyPartError as exc:
+                # Aborted, nothing committed: this rank's files are written again, every byte uploaded.
+                log.warning("rank %d: incremental save of %s: %s; uploading everything", self.rank, self.url, exc)
+                self.bytes_copied = 0
+                return self._write_files_once(jobs, planner, None)
         except ZipLayoutError as exc:
             # The CRC filler met a layout it does not follow (a torch it was not built for): the uploads were
             # aborted; torch computes the CRC-32s from now on and this rank's files are written again.
             disable_crc_filling(str(exc))
-            return self._write_files_once(jobs, planner)
+            return self._write_files_once(jobs, planner, None)
 
     def _write_files_once(
-        self, jobs: list[tuple[str, list[WriteItem]]], planner: SavePlanner
+        self, jobs: list[tuple[str, list[WriteItem]]], planner: SavePlanner, base: BaseItems | None
     ) -> list[list[WriteResult]]:
         if len(jobs) <= 1:
-            return [self._write_file(rel, items, planner) for rel, items in jobs]
+            return [self._write_file(rel, items, planner, base) for rel, items in jobs]
         with ThreadPoolExecutor(len(jobs), thread_name_prefix="s3ckpt-dcp-write") as pool:
-            return list(pool.map(lambda job: self._write_file(job[0], job[1], planner), jobs))
+            return list(pool.map(lambda job: self._write_file(job[0], job[1], planner, base), jobs))
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit (coordinator only): HEAD-check every file, then write the manifest and ``.metadata``."""
@@ -282,15 +305,54 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
             extras=self.extra_files,
         )
 
+    def _compose_file(
+        self, rel: str, items: list[WriteItem], planner: SavePlanner, base: BaseItems, source: CopySource
+    ) -> list[WriteResult]:
+        """:meth:`_write_file` for an incremental save: unchanged items copied from ``source`` (a base file)."""
+        written: list[tuple[WriteItem, int, int, int]] = []
+        upload = ComposingWriter(
+            self.transport, self.bucket, self.prefix + rel, source=source, store_checksum=compose_store_checksum()
+        )
+        with upload:
+            composer = ItemComposer(upload, base, ItemTemplates())
+            for item in sorted(items, key=lambda i: i.type != WriteItemType.BYTE_IO):
+                data = planner.resolve_data(item)
+                start = composer.offset
+                if item.type == WriteItemType.BYTE_IO:
+                    if not isinstance(data, io.BytesIO):
+                        raise TypeError(f"{item.index.fqn}: BYTE_IO item resolved to {type(data).__name__}")
+                    length, crc = composer.write_bytes(data.getbuffer())
+                else:
+                    if not isinstance(data, torch.Tensor):
+                        raise TypeError(f"{item.index.fqn}: tensor item resolved to {type(data).__name__}")
+                    length, crc = composer.write_tensor(item.index, _host_tensor(data))
+                written.append((item, start, length, crc))
+            composer.finish()
+        self.bytes_copied += upload.bytes_copied
+        log.debug(
+            "rank %d composed %s: %d of %d bytes copied from %s",
+            self.rank,
+            rel,
+            upload.bytes_copied,
+            upload.bytes_written,
+            source.url,
+        )
+        return _results(rel, written, upload.result)
+
     def storage_meta(self) -> StorageMeta | None:
         """The checkpoint URL and this save's id, recorded in ``.metadata``."""
         return StorageMeta(checkpoint_id=self.url, save_id=self.save_id)
 
     # -- internals ------------------------------------------------------------------------------------------
 
-    def _write_file(self, rel: str, items: list[WriteItem], planner: SavePlanner) -> list[WriteResult]:
+    def _write_file(
+        self, rel: str, items: list[WriteItem], planner: SavePlanner, base: BaseItems | None
+    ) -> list[WriteResult]:
         key = self.prefix + rel
         expected = sum(_item_bytes(i) for i in items)
+        source = base.source_for([i.index for i in items]) if base is not None else None
+        if base is not None and source is not None:
+            return self._compose_file(rel, items, planner, base, source)
         written: list[tuple[WriteItem, int, int, int]] = []
         # torch.save runs once per kind of tensor (dtype, shape, strides); the rest are written from its bytes.
         templates = ItemTemplates()
@@ -309,7 +371,7 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
                     if not isinstance(data, torch.Tensor):
                         raise TypeError(f"{item.index.fqn}: tensor item resolved to {type(data).__name__}")
                     # torch.save's bytes, with the zip CRC-32s filled in by s3ckpt as they stream (a third of
-                    # torch's cost; see s3ckpt.zip_crc), from a template after the first of each kind.
+                    # torch's cost; see s3ckpt.zip_crc), written from the template of its kind.
                     templates.save(_host_tensor(data), tap)
                 written.append((item, start, upload.bytes_written - start, tap.crc))
         result = upload.result
@@ -322,11 +384,16 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
             templates.templated,
             result.size,
         )
-        return [
-            WriteResult(
-                index=item.index,
-                size_in_bytes=length,
-                storage_data=ItemWrite(rel, offset, length, crc, result.size, result.crc32c, result.etag),
-            )
-            for item, offset, length, crc in written
-        ]
+        return _results(rel, written, result)
+
+
+def _results(rel: str, written: list[tuple[WriteItem, int, int, int]], result: UploadResult) -> list[WriteResult]:
+    """The write results of one file: each item's offset, length and CRC32C, and the file's upload."""
+    return [
+        WriteResult(
+            index=item.index,
+            size_in_bytes=length,
+            storage_data=ItemWrite(rel, offset, length, crc, result.size, result.crc32c, result.etag),
+        )
+        for item, offset, length, crc in written
+    ]

@@ -12,7 +12,7 @@ still there, before any of them goes out:
   (``UploadPartCopy``). Its local header and data descriptor are copied too when they are the same bytes
   (same length and CRC32C), so consecutive unchanged records form one copied run.
 
-:class:`_PartPlanner` turns that stream of "upload these bytes" / "these bytes are at base offset X" into
+:class:`PartPlanner` turns that stream of "upload these bytes" / "these bytes are at base offset X" into
 parts S3 accepts: every part but the last at least 5 MiB. A copied run shorter than that is uploaded instead
 (its bytes are kept, at most 5 MiB, while the run is that short), and an uploaded part shorter than that
 takes the first bytes of the run after it. Long runs are copied in parts of ``copy_part_size`` bytes (the store
@@ -33,7 +33,7 @@ from ..transport.checksums import crc_combine
 from ..transport.upload import MultipartWriter
 from .records import PREFIX, BaseLayout, ZipRecord
 
-__all__ = ["COPY_PART_SIZE", "PartSink", "RecordComposer"]
+__all__ = ["COPY_PART_SIZE", "PartPlanner", "PartSink", "RecordComposer"]
 
 # Copied parts are cut at record boundaries once this long: the store copies the parts of one upload in
 # parallel (max_write_concurrency at once), and a failed part is retried alone.
@@ -66,7 +66,7 @@ class _Record:
     desc: bytearray = field(default_factory=bytearray)
 
 
-class _PartPlanner:
+class PartPlanner:
     """Sends uploaded bytes and copied ranges through a :class:`PartSink` as valid parts."""
 
     def __init__(self, writer: PartSink, copy_part_size: int) -> None:
@@ -153,7 +153,7 @@ class RecordComposer(io.RawIOBase):
         self._w = writer
         can_copy = callable(getattr(writer, "copy_part", None))
         self._base = base if can_copy else None
-        self._plan = _PartPlanner(writer, copy_part_size) if can_copy and base is not None else None  # type: ignore[arg-type]
+        self._plan = PartPlanner(writer, copy_part_size) if can_copy and base is not None else None  # type: ignore[arg-type]
         self._offset = 0
         self._cur: _Record | None = None
         self.records: list[ZipRecord] = []

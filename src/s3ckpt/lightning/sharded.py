@@ -104,6 +104,8 @@ class S3ShardedCheckpoints:
         self._io = checkpoint_io
         self._options = {k: v for k, v in options.items() if v is not None}
         self._async_group: Any = None
+        # The newest sharded checkpoint committed (or resumed from): the base of the next incremental save.
+        self._base: str | None = None
 
     def io(self, url: str | None = None) -> S3CheckpointIO:
         """The plugin: the one given, else one built from the strategy's options (``dirpath`` defaults to
@@ -135,13 +137,14 @@ class S3ShardedCheckpoints:
         saver = io._saver
         if saver is None:
             try:
-                save_state(url, converted, meta, transport=io.transport)
+                save_state(url, converted, meta, transport=io.transport, base=self._base_for(io, url))
             except S3CheckpointError as exc:
                 self._failed(io, url, start, start, exc)
                 if io.on_save_error == "raise":
                     raise
                 return
             io._last_save_failed = False
+            self._base = url
             elapsed = time.perf_counter() - start
             io._record(SaveRecord(url, _nbytes(converted), elapsed, elapsed, time.time(), elapsed))
             self._replace_file(io, url)
@@ -156,10 +159,12 @@ class S3ShardedCheckpoints:
         def upload() -> None:
             began = time.perf_counter()
             try:
-                save_state(url, staged, meta_copy, transport=io.transport, process_group=group)
+                base = self._base_for(io, url)
+                save_state(url, staged, meta_copy, transport=io.transport, process_group=group, base=base)
             except S3CheckpointError as exc:
                 self._failed(io, url, start, stall_end, exc, queued)
                 raise  # the saver cancels the removals and copies that waited for this save
+            self._base = url  # uploads run one at a time, in order: the next one composes from this one
             done = time.perf_counter()
             io._record(
                 SaveRecord(url, _nbytes(staged), stall_end - start, done - start, time.time(), done - began, queued)
@@ -167,6 +172,13 @@ class S3ShardedCheckpoints:
 
         saver.submit_save(url, upload, raise_stored=io.on_save_error == "raise")
         self._replace_file(io, url)
+
+    def _base_for(self, io: S3CheckpointIO, url: str) -> str | None:
+        """The checkpoint an incremental save (``S3CheckpointIO(incremental=True)``) copies unchanged items
+        from: the newest sharded one committed or resumed from (not ``url`` itself, which is replaced)."""
+        if not io.incremental or self._base is None or self._base.rstrip("/") == url.rstrip("/"):
+            return None
+        return self._base
 
     def _replace_file(self, io: S3CheckpointIO, url: str) -> None:
         """Rank 0: a single-file checkpoint of the same name as a committed sharded one is replaced by it."""
@@ -256,6 +268,8 @@ class S3ShardedCheckpoints:
                     f"{url} holds no optimizer state under {missing}; its optimizers were saved under other keys, "
                     "or it was saved without optimizers: load it without them or under the keys it was saved with"
                 )
+            if self._base is None:
+                self._base = url  # resuming: an incremental save composes from the checkpoint resumed from
             return read_meta(found.sharded, weights_only=weights_only)
         buf, _, _ = ck._download_verified(io.transport, url, verify=io.verify, progress=None)
         try:

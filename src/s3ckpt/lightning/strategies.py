@@ -43,6 +43,7 @@ _S3_OPTIONS = (
     "retry",
     "verify",
     "on_save_error",
+    "incremental",
 )
 
 
@@ -145,7 +146,8 @@ class S3FSDPStrategy(_S3Sharded, FSDPStrategy):
         *args, **kwargs: as :class:`lightning.pytorch.strategies.FSDPStrategy` (``checkpoint_io`` may be an
             :class:`S3CheckpointIO`).
         dirpath, chunk_size_MB, max_read_concurrency, max_write_concurrency, async_checkpointing, client,
-            retry, verify, on_save_error: build the :class:`S3CheckpointIO` when none is given (same meaning).
+            retry, verify, on_save_error, incremental: build the :class:`S3CheckpointIO` when none is given (same
+            meaning; ``incremental=True`` copies a rank's unchanged items from the previous checkpoint).
 
     Example::
 
@@ -173,7 +175,7 @@ class S3ModelParallelStrategy(_S3Sharded, ModelParallelStrategy):
         checkpoint_io: an :class:`S3CheckpointIO` (Lightning's class takes none; ``Trainer(plugins=[io])``
             works too).
         dirpath, chunk_size_MB, max_read_concurrency, max_write_concurrency, async_checkpointing, client,
-            retry, verify, on_save_error: build the :class:`S3CheckpointIO` when none is given.
+            retry, verify, on_save_error, incremental: build the :class:`S3CheckpointIO` when none is given.
     """
 
     _module_key = "state_dict"
