@@ -278,8 +278,8 @@ class S3FSDPStrategy(_S3FabricSharded, FSDPStrategy):
         *args, **kwargs: as :class:`lightning.fabric.strategies.FSDPStrategy`.
         checkpoint_io: the :class:`S3CheckpointIO` to use (not together with the options below).
         dirpath, chunk_size_MB, max_read_concurrency, max_write_concurrency, async_checkpointing, client,
-            retry, verify, on_save_error, incremental: build the :class:`S3CheckpointIO` when none is given (same meaning;
-            ``dirpath`` defaults to the bucket of the first checkpoint).
+            retry, verify, on_save_error, incremental: build the :class:`S3CheckpointIO` when none is given (same
+            meaning; ``dirpath`` defaults to the bucket of the first checkpoint).
 
     Example::
 
