@@ -7,6 +7,7 @@ not do (``AWS_REGION``, a default region for custom endpoints, path-style addres
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -43,6 +44,18 @@ class ClientFactory:
         self._lock = threading.Lock()
         self._client: Any = None
         self._pid: int | None = None
+        self._unchecksummed: ClientFactory | None = None
+
+    def without_request_checksums(self) -> ClientFactory:
+        """These settings with no request checksums at all (botocore adds none, not even its default CRC32),
+        for uploads whose integrity the caller carries itself; made once, so its client is reused."""
+        if self.config.checksum_algorithm == "none":
+            return self
+        with self._lock:
+            if self._unchecksummed is None:
+                config = dataclasses.replace(self.config, checksum_algorithm="none")
+                self._unchecksummed = ClientFactory(config, max_pool_connections=self.max_pool_connections)
+            return self._unchecksummed
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config, "max_pool_connections": self.max_pool_connections}

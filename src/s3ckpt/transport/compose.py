@@ -31,6 +31,7 @@ from typing import Any
 from ..config import MAX_PART_SIZE, MIN_PART_SIZE
 from ..errors import S3CheckpointError, S3TransferError
 from . import ops
+from .context import S3Transport
 from .upload import MultipartWriter
 
 __all__ = ["ComposingWriter", "CopyPartError", "CopySource"]
@@ -69,7 +70,12 @@ class ComposingWriter(MultipartWriter):
 
     def __init__(self, *args: Any, source: CopySource, store_checksum: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._checksums = self._checksums and store_checksum
+        if self._checksums and not store_checksum:
+            # No checksum algorithm on the upload, and none on its parts: with botocore's default
+            # (when_supported) every uploaded part would otherwise carry a CRC32 botocore computes.
+            t = self._t
+            self._t = S3Transport(t.clients.without_request_checksums(), t.retrier, t.transfer)
+            self._checksums = False
         self.source = source
         self.bytes_copied = 0
         self.copy_parts = 0
