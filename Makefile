@@ -89,6 +89,7 @@ constraints: $(STAMP)
 
 # make bench ARGS=--sweep: the defaults sweep first; ARGS="--quick", "--size 1GiB --runs 3", ... (see benchmarks/run.py)
 # make bench ARGS=--sharded: the sharded (DCP) benchmark, 1/2/4 ranks, beside the single-file save and the raw floor
+# make bench ARGS=--incremental: plain vs incremental saves (base=) of a fine-tuning and a full-training state
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(PY) -m benchmarks.run $(ARGS)

@@ -13,10 +13,14 @@ defaults. Writes ``benchmarks/results/<name>.json`` and ``.png`` and prints the 
     python -m benchmarks.run --size 1GiB --methods s3ckpt,raw --runs 5 --name big
     python -m benchmarks.run --sharded                # sharded (DCP): 512 MiB and 1 GiB, 1/2/4 ranks, 5 rounds
     python -m benchmarks.run --sharded --sizes 64MiB --ranks 1,2 --rounds 1   # a short sharded run
+    python -m benchmarks.run --incremental            # incremental saves (base=) vs plain: 424 MiB, 5 rounds
+    python -m benchmarks.run --incremental --quick    # the same on 26 MiB states, 1 round, no warm-up
 
 ``--sharded`` runs :mod:`benchmarks.sharded_run` instead: s3ckpt's DCP writer and reader against
 s3torchconnector's and PyTorch's fsspec ones at several rank counts, beside s3ckpt's single-file save and the
-raw PUT / GET of the same bytes (``results/sharded.json`` and ``.png``).
+raw PUT / GET of the same bytes (``results/sharded.json`` and ``.png``). ``--incremental`` runs
+:mod:`benchmarks.incremental_run`: chains of plain and incremental saves of a fine-tuning and a full-training
+state, with their loads and verifies and the store's floors (``results/incremental.json`` and ``.png``).
 """
 
 from __future__ import annotations
@@ -384,6 +388,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the sharded (DCP) benchmark instead: DCP writers and readers at --ranks, beside the single-file save",
     )
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="the incremental-save benchmark instead: plain vs s3ckpt.save(base=) on fine-tuning and full-training",
+    )
     p.add_argument("--sizes", default=None, help="--sharded: total state sizes (default 512MiB,1GiB; --quick 64MiB)")
     p.add_argument("--ranks", default=None, help="--sharded: rank counts (default 1,2,4; --quick 1,2)")
     p.add_argument("--name", default=None, help="results/<name>.json and .png (default 'latest'; --quick 'quick')")
@@ -431,8 +440,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         for c in ints["sweep_readers"]
     ]
     args.run_async = not (args.no_async or args.quick)
+    if args.sharded and args.incremental:
+        p.error("--sharded and --incremental are two benchmarks: run one at a time")
     if args.sharded:
         return _sharded_args(p, args)
+    if args.incremental:
+        return _incremental_args(p, args)
     args.name = args.name or ("quick" if args.quick else "latest")
     if args.methods in (None, ""):
         args.methods = list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
@@ -472,6 +485,18 @@ def _sharded_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpa
     return args
 
 
+def _incremental_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The --incremental defaults and checks: its own states (--quick: the small ones) and methods."""
+    if args.methods not in (None, "") or args.sizes or args.size_given:
+        p.error("--incremental measures its own states and methods: drop --methods, --size and --sizes")
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    args.name = args.name or ("incremental-quick" if args.quick else "incremental")
+    args.warmup = not args.quick  # a round not counted, so every counted save has a composed base
+    args.run_async = False
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; 0 when it completed (a peer that could not run is recorded, not fatal)."""
     from . import bench_server  # boto3 and the server only when benchmarking, not for --help or the tests
@@ -481,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .sharded_run import main_sharded
 
         return main_sharded(args)
+    if args.incremental:
+        from .incremental_run import main_incremental
+
+        return main_incremental(args)
     started = time.time()
     size, methods = args.size, args.methods
     nbytes = state_bytes(size)
