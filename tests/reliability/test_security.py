@@ -108,7 +108,12 @@ def test_nothing_secret_written_with_a_checkpoint(
     stored = manifest + json.dumps(info.metadata)
     for value in (s3_server.secret_key, s3_server.access_key, "hunter2-do-not-store", s3_server.endpoint_url):
         assert value not in stored
-    assert set(json.loads(manifest)) == {"format", "key", "size", "crc32c", "etag", "nonce", "created", "meta"}
+    keys = {"format", "key", "size", "crc32c", "etag", "nonce", "created", "meta", "records", "transfer"}
+    doc = json.loads(manifest)
+    assert set(doc) == keys
+    # records: zip record names, offsets and checksums only; transfer: byte counts
+    assert all(isinstance(r[0], str) and all(isinstance(n, int) for n in r[1:]) for r in doc["records"])
+    assert set(doc["transfer"]) == {"uploaded", "copied"}
     assert set(info.metadata) == {"s3ckpt-nonce"}
 
 
