@@ -42,15 +42,15 @@ MiB = 1024 * 1024
 MIN_PART = 5 * MiB  # S3: every part but the last at least 5 MiB, uploaded or copied alike
 FINE, FULL = "fine-tuning", "full-training"
 STATES = (FINE, FULL)
-PLAIN, INC, INC_NO_CRC = "plain", "incremental", "incremental-no-store-crc"
+PLAIN, INC, INC_NO_CRC = "plain", "incremental-store-crc", "incremental"
 METHODS = (PLAIN, INC, INC_NO_CRC)
 """Each a chain of checkpoints: save N with ``base`` = the same chain's save N-1 (``plain``: no base)."""
 RAW_PUT, RAW_COMPOSE = "raw-put", "raw-compose"
 FLOORS = (RAW_PUT, RAW_COMPOSE)
 LABELS = {
     PLAIN: "s3ckpt.save(state, url): everything uploaded",
-    INC: "s3ckpt.save(state, url, base=previous): store CRC32C on (the default)",
-    INC_NO_CRC: "the same with S3CKPT_COMPOSE_STORE_CHECKSUM=0: the CRC32C only in s3ckpt's manifest",
+    INC: "the same with S3CKPT_COMPOSE_STORE_CHECKSUM=1: store CRC32C on",
+    INC_NO_CRC: "s3ckpt.save(state, url, base=previous), the default: the CRC32C only in s3ckpt's manifest",
     RAW_PUT: "FLOOR raw boto3 multipart PUT of the object's bytes (16 MiB x 8, no checksums, no torch)",
     RAW_COMPOSE: "FLOOR the incremental save's own parts replayed raw: UploadPart / UploadPartCopy, 8 at a time, "
     "no checksums, no torch",

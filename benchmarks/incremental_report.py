@@ -104,7 +104,7 @@ def format_incremental_ratios(ratios: Sequence[IncrementalRatio]) -> str:
 
 def format_store_checksum(rows: Sequence[Mapping[str, Any]]) -> str:
     """The composed save with the store's CRC32C off over on (< 1: off is cheaper)."""
-    lines = ["S3CKPT_COMPOSE_STORE_CHECKSUM=0 over the default (1), composed saves:"]
+    lines = ["S3CKPT_COMPOSE_STORE_CHECKSUM=0 (the default) over =1, composed saves:"]
     for row in rows:
         cell = {k: _num(v, ".2f") for k, v in row.items() if k != "state"}
         lines.append(

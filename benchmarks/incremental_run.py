@@ -2,7 +2,7 @@
 fine-tuning state and a full-training state of the same bytes.
 
 Every state has three chains of checkpoints, one per method (:data:`benchmarks.incremental.METHODS`): plain
-saves, incremental saves with the store's CRC32C (the default) and without it. Checkpoint 0 of every chain is a
+saves, incremental saves without the store's CRC32C (the default) and with it. Checkpoint 0 of every chain is a
 plain save (setup, untimed); then, per round, each chain saves the next checkpoint of the state, the
 incremental ones with ``base`` = their own previous checkpoint, so from the second round on every base is
 itself a composed object. A warm-up round (not with ``--quick``) runs first and is not counted, so every
@@ -88,8 +88,8 @@ class IncrementalBench:
         b = self.bench
         seq = f"inc-{next(_SEQ)}"
         env = b.server.env()
-        if fields.pop("no_store_crc", False):
-            env["S3CKPT_COMPOSE_STORE_CHECKSUM"] = "0"
+        # Explicit either way: the default (off) must not decide which method this is.
+        env["S3CKPT_COMPOSE_STORE_CHECKSUM"] = "0" if fields.pop("no_store_crc", False) else "1"
         spec = {
             "op": op,
             "key": key,
