@@ -61,7 +61,7 @@ class CopySource:
 class ComposingWriter(MultipartWriter):
     """A :class:`MultipartWriter` that also takes parts copied on the store from ``source``.
 
-    ``bytes_uploaded`` and ``bytes_copied`` say how the object's bytes got there. Args as
+    ``bytes_copied`` says how many of the object's bytes the store copied. Args as
     :class:`MultipartWriter`, plus ``source``, and ``store_checksum``: ``False`` creates the upload without
     a checksum algorithm even where the transport asks for CRC32C (the store then keeps none; the caller's
     manifest carries the CRC32C), for stores where copying into a checksummed upload costs as much as
@@ -78,13 +78,9 @@ class ComposingWriter(MultipartWriter):
             self._checksums = False
         self.source = source
         self.bytes_copied = 0
-        self.copy_parts = 0
-        # Copied parts whose CRC32C the store did not return: the source is checked once before Complete.
-        self._unconfirmed_copies = 0
-
-    @property
-    def bytes_uploaded(self) -> int:
-        return self.bytes_written - self.bytes_copied
+        # Set (from any upload thread) when the store returned no CRC32C for a copied part: the source is then
+        # checked once before Complete.
+        self._unconfirmed_copies = False
 
     @property
     def pending_bytes(self) -> int:
@@ -119,17 +115,9 @@ class ComposingWriter(MultipartWriter):
             raise ValueError(f"copy range {first}+{length} is outside {self.source.url} ({self.source.size} bytes)")
         if length > MAX_PART_SIZE:
             raise ValueError(f"copy part of {length} bytes is over S3's 5 GiB part limit")
-        upload_id = self._ensure_upload()
-        self._part_number += 1
-        number = self._part_number
-        self._slots.acquire()
-        self._raise_pending_release()
-        assert self._pool is not None
-        self._part_crcs[number] = (crc32c, length)
+        self._submit_part(length, crc32c, lambda uid, number: self._copy(uid, number, first, length, crc32c))
         self._size += length
         self.bytes_copied += length
-        self.copy_parts += 1
-        self._futures.append(self._pool.submit(self._copy, upload_id, number, first, length, crc32c))
 
     def _copy(self, upload_id: str, number: int, first: int, length: int, crc32c: int) -> None:
         try:
@@ -168,7 +156,7 @@ class ComposingWriter(MultipartWriter):
                     f"expected {ours}: the source is not the object its manifest describes"
                 )
             if theirs is None:
-                self._unconfirmed_copies += 1
+                self._unconfirmed_copies = True
             if self._checksums:
                 entry["ChecksumCRC32C"] = ours
             self._parts[number] = entry
@@ -180,18 +168,10 @@ class ComposingWriter(MultipartWriter):
         finally:
             self._slots.release()
 
-    def _finish(self) -> None:
-        if self.copy_parts and self._upload_id is not None:
-            if self._fill or self._part_number == 0:
-                self._send_full_buffer()
-            self._drain()
-            self._raise_pending()
-            if self._unconfirmed_copies:
-                self._confirm_source()
-        super()._finish()
-
-    def _confirm_source(self) -> None:
+    def _before_complete(self) -> None:
         """The store returned no checksum for some copies: make sure the source still is the pinned object."""
+        if not self._unconfirmed_copies:
+            return
         src = self.source
         try:
             info = ops.head(self._t, src.bucket, src.key)

@@ -1,13 +1,11 @@
 """Streaming multipart upload with a file-like ``write()`` face.
 
 A serializer (``torch.save``) writes straight into :class:`MultipartWriter`; full parts are sent by a
-thread pool while the serializer keeps writing. Memory is bounded whatever the object size:
-
-    at most (max_write_concurrency + 1) part buffers: the parts in flight plus the one being filled.
-
-Buffers are reused, never reallocated per part. The object becomes visible only when
-CompleteMultipartUpload succeeds (S3 never shows a partial object); on any failure, or if the writer is
-closed by an exception, the upload is aborted so no billed, invisible parts are left behind.
+thread pool while the serializer keeps writing. Memory is bounded whatever the object size: at most
+(max_write_concurrency + 1) part buffers, the parts in flight plus the one being filled. Buffers are reused,
+never reallocated per part. The object becomes visible only when CompleteMultipartUpload succeeds (S3 never
+shows a partial object); on any failure, or if the writer is closed by an exception, the upload is aborted so
+no billed, invisible parts are left behind.
 """
 
 from __future__ import annotations
@@ -278,6 +276,10 @@ class MultipartWriter(io.RawIOBase):
         self._submit(buf, n, crc)
 
     def _submit(self, buf: bytearray, n: int, crc: int) -> None:
+        self._submit_part(n, crc, lambda upload_id, number: self._upload_part(upload_id, number, buf, n))
+
+    def _submit_part(self, n: int, crc: int, send: Callable[[str, int], None]) -> None:
+        """Number the next part (``n`` bytes with CRC32C ``crc``) and run ``send(upload_id, number)`` on the pool."""
         upload_id = self._ensure_upload()
         self._part_number += 1
         number = self._part_number
@@ -289,7 +291,7 @@ class MultipartWriter(io.RawIOBase):
         self._raise_pending_release()
         assert self._pool is not None
         self._part_crcs[number] = (crc, n)
-        self._futures.append(self._pool.submit(self._upload_part, upload_id, number, buf, n))
+        self._futures.append(self._pool.submit(send, upload_id, number))
 
     def _raise_pending_release(self) -> None:
         if self._error is not None:
@@ -366,6 +368,7 @@ class MultipartWriter(io.RawIOBase):
             self._send_full_buffer()
         self._drain()
         self._raise_pending()
+        self._before_complete()
         self._crc = self._object_crc()
         etag = complete_upload(
             self._t,
@@ -381,6 +384,9 @@ class MultipartWriter(io.RawIOBase):
         self._upload_id = None  # completed: nothing left to abort
         self._result = UploadResult(self.bucket, self.key, self._size, etag, self._crc, self._part_number, self.nonce)
         log.debug("uploaded s3://%s/%s: %d bytes in %d parts", self.bucket, self.key, self._size, self._part_number)
+
+    def _before_complete(self) -> None:
+        """Every part is stored: a subclass's last check before the object becomes visible."""
 
     def _object_crc(self) -> int:
         """The whole object's CRC32C from the parts' CRCs, in part order."""
