@@ -77,16 +77,15 @@ class SaveStats:
     crc32c: int
     etag: str
     parts: int
-    bytes_uploaded: int = -1
-    """Bytes sent by this client (``bytes`` unless records were copied from a base); -1: not known."""
     bytes_copied: int = 0
     """Bytes the store copied from ``base`` (unchanged records of an incremental save)."""
     base: str | None = None
     """The checkpoint records were copied from, if any."""
 
-    def __post_init__(self) -> None:
-        if self.bytes_uploaded < 0:
-            object.__setattr__(self, "bytes_uploaded", self.bytes - self.bytes_copied)
+    @property
+    def bytes_uploaded(self) -> int:
+        """Bytes sent by this client: ``bytes`` less those the store copied."""
+        return self.bytes - self.bytes_copied
 
     @property
     def gbps(self) -> float:

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan
 
 from ..errors import S3CheckpointError
-from ..incremental.composer import COPY_PART_SIZE, PartPlanner
+from ..incremental.composer import COPY_PART_SIZE, DataSums, PartPlanner
 from ..serialization import save_to_stream
 from ..transport.checksums import crc_combine
 from ..transport.compose import ComposingWriter, CopySource
@@ -139,7 +139,6 @@ class ItemComposer:
 
     Attributes:
         offset: bytes of the file so far (copied ones included): where the next item starts.
-        copied: bytes copied on the store.
     """
 
     def __init__(self, upload: ComposingWriter, base: BaseItems, templates: ItemTemplates) -> None:
@@ -148,7 +147,6 @@ class ItemComposer:
         self._source_rel = upload.source.key[len(base.prefix) :]
         self._templates = templates
         self.offset = 0
-        self.copied = 0
 
     def write_bytes(self, data: memoryview) -> tuple[int, int]:
         """A ``BYTE_IO`` item; returns its length and CRC32C."""
@@ -180,26 +178,19 @@ class ItemComposer:
                 self._plan.copy(prefix, base.offset, head)
                 self._plan.copy(data, base.offset + len(prefix), body)
                 self._plan.copy(suffix, base.offset + len(prefix) + len(data), tail)
-                self.copied += length
             else:
                 for piece in (prefix, data, suffix):
                     self._plan.upload(piece)
             self.offset += length
             return length, crc
-        sums = [0, 0]
-
-        def tap(piece: memoryview) -> None:
-            # On the copy just made in a part buffer, still in the CPU cache.
-            sums[0] = zlib.crc32(piece, sums[0])
-            sums[1] = _crc32c.crc32c(piece, sums[1])
-
+        sums = DataSums()
         self._plan.upload(prefix)
-        self._plan.upload(data, tap)
-        suffix = memoryview(template.suffix_for(sums[0]))
+        self._plan.upload(data, sums.tap)
+        suffix = memoryview(template.suffix_for(sums.crc32))
         self._plan.upload(suffix)
         self.offset += length
         return length, combine_crcs(
-            (head, len(prefix)), (sums[1], len(data)), (int(_crc32c.crc32c(suffix)), len(suffix))
+            (head, len(prefix)), (sums.crc32c, len(data)), (int(_crc32c.crc32c(suffix)), len(suffix))
         )
 
     def finish(self) -> None:

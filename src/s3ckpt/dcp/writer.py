@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import crc32c as _crc32c
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
@@ -26,83 +24,23 @@ from ..serialization import ZipLayoutError, disable_crc_filling
 from ..transport.client import ClientFactory
 from ..transport.compose import ComposingWriter, CopyPartError, CopySource
 from ..transport.context import S3Transport
-from ..transport.upload import MultipartWriter, UploadResult
+from ..transport.upload import MultipartWriter
 from .commit import clear_previous, commit
 from .incremental import BaseItems, ItemComposer, base_items_for
 from .item_template import ItemTemplates
 from .layout import (
     FlatPrefixStrategy,
-    ItemWrite,
     PrefixStrategy,
     RankFiles,
     S3CheckpointId,
     check_extra_name,
     split_url,
 )
+from .write_items import ItemTap, item_bytes, resolved, results, split
 
 __all__ = ["S3StorageWriter"]
 
 log = logging.getLogger(__name__)
-
-# What torch.save adds around a tensor's bytes (zip headers, the pickle); only used to size parts up front.
-_ITEM_OVERHEAD = 4096
-
-
-class _ItemTap:
-    """Forwards writes to the upload and keeps the CRC32C of the item being written.
-
-    A tappable sink (``accepts_tap``): the upload hands each piece back once it is copied into a part buffer,
-    so this CRC32C, and the zip CRC-32 the filler computes, read bytes still in the CPU cache instead of
-    making passes of their own over the tensor. Not an ``io`` class on purpose: torch.save only needs
-    ``write`` and ``flush``, and an ``IOBase`` would close the shared upload when it is garbage-collected.
-    """
-
-    accepts_tap = True
-
-    def __init__(self, sink: MultipartWriter) -> None:
-        self._sink = sink
-        self.crc = 0
-
-    def write(self, data: Any, *, tap: Callable[[memoryview], None] | None = None) -> int:
-        def hot(piece: memoryview) -> None:
-            self.crc = _crc32c.crc32c(piece, self.crc)
-            if tap is not None:
-                tap(piece)
-
-        return self._sink.write(data, tap=hot)
-
-    def flush(self) -> None:
-        pass
-
-
-def _item_bytes(item: WriteItem) -> int:
-    if item.tensor_data is None:
-        return _ITEM_OVERHEAD
-    numel = 1
-    for dim in item.tensor_data.size:
-        numel *= dim
-    return numel * item.tensor_data.properties.dtype.itemsize + _ITEM_OVERHEAD
-
-
-def _split(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
-    """Spread items over ``bins`` files of about equal size (largest tensor into the lightest file)."""
-    if bins <= 1:
-        return [list(items)]
-    out: list[list[WriteItem]] = [[] for _ in range(bins)]
-    sizes = [0] * bins
-    for item in sorted(items, key=_item_bytes, reverse=True):
-        i = sizes.index(min(sizes))
-        out[i].append(item)
-        sizes[i] += _item_bytes(item)
-    return out
-
-
-def _host_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach().cpu()
-    # torch.save writes a view's whole storage; a slice of a large parameter must not drag the rest along.
-    if tensor.untyped_storage().nbytes() != tensor.nbytes:
-        tensor = tensor.clone()
-    return tensor
 
 
 class S3StorageWriter(S3CheckpointId, StorageWriter):
@@ -259,7 +197,7 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         files = plan.storage_data
         if not isinstance(files, RankFiles):
             raise TypeError(f"SavePlan.storage_data is {type(files).__name__}, not set by S3StorageWriter")
-        bins = [b for b in _split(plan.items, self.files_per_rank) if b]
+        bins = [b for b in split(plan.items, self.files_per_rank) if b]
         jobs = [(files.relative_path(n), b) for n, b in enumerate(bins)]
         self.bytes_copied = 0
         per_file = self._write_files(jobs, planner, files.base)
@@ -311,21 +249,21 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         """:meth:`_write_file` for an incremental save: unchanged items copied from ``source`` (a base file)."""
         written: list[tuple[WriteItem, int, int, int]] = []
         upload = ComposingWriter(
-            self.transport, self.bucket, self.prefix + rel, source=source, store_checksum=compose_store_checksum()
+            self.transport,
+            self.bucket,
+            self.prefix + rel,
+            expected_size=sum(item_bytes(i) for i in items),
+            source=source,
+            store_checksum=compose_store_checksum(),
         )
         with upload:
             composer = ItemComposer(upload, base, ItemTemplates())
-            for item in sorted(items, key=lambda i: i.type != WriteItemType.BYTE_IO):
-                data = planner.resolve_data(item)
+            for item, data in resolved(items, planner):
                 start = composer.offset
-                if item.type == WriteItemType.BYTE_IO:
-                    if not isinstance(data, io.BytesIO):
-                        raise TypeError(f"{item.index.fqn}: BYTE_IO item resolved to {type(data).__name__}")
-                    length, crc = composer.write_bytes(data.getbuffer())
+                if isinstance(data, torch.Tensor):
+                    length, crc = composer.write_tensor(item.index, data)
                 else:
-                    if not isinstance(data, torch.Tensor):
-                        raise TypeError(f"{item.index.fqn}: tensor item resolved to {type(data).__name__}")
-                    length, crc = composer.write_tensor(item.index, _host_tensor(data))
+                    length, crc = composer.write_bytes(data)
                 written.append((item, start, length, crc))
             composer.finish()
         self.bytes_copied += upload.bytes_copied
@@ -337,7 +275,7 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
             upload.bytes_written,
             source.url,
         )
-        return _results(rel, written, upload.result)
+        return results(rel, written, upload.result)
 
     def storage_meta(self) -> StorageMeta | None:
         """The checkpoint URL and this save's id, recorded in ``.metadata``."""
@@ -349,7 +287,7 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         self, rel: str, items: list[WriteItem], planner: SavePlanner, base: BaseItems | None
     ) -> list[WriteResult]:
         key = self.prefix + rel
-        expected = sum(_item_bytes(i) for i in items)
+        expected = sum(item_bytes(i) for i in items)
         source = base.source_for([i.index for i in items]) if base is not None else None
         if base is not None and source is not None:
             return self._compose_file(rel, items, planner, base, source)
@@ -357,22 +295,16 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
         # torch.save runs once per kind of tensor (dtype, shape, strides); the rest are written from its bytes.
         templates = ItemTemplates()
         with MultipartWriter(self.transport, self.bucket, key, expected_size=expected) as upload:
-            tap = _ItemTap(upload)
-            # Small byte items first, as torch does: they are resolved without touching tensor memory.
-            for item in sorted(items, key=lambda i: i.type != WriteItemType.BYTE_IO):
-                data = planner.resolve_data(item)
+            tap = ItemTap(upload)
+            for item, data in resolved(items, planner):
                 start = upload.bytes_written
                 tap.crc = 0
-                if item.type == WriteItemType.BYTE_IO:
-                    if not isinstance(data, io.BytesIO):
-                        raise TypeError(f"{item.index.fqn}: BYTE_IO item resolved to {type(data).__name__}")
-                    tap.write(data.getbuffer())
-                else:
-                    if not isinstance(data, torch.Tensor):
-                        raise TypeError(f"{item.index.fqn}: tensor item resolved to {type(data).__name__}")
+                if isinstance(data, torch.Tensor):
                     # torch.save's bytes, with the zip CRC-32s filled in by s3ckpt as they stream (a third of
                     # torch's cost; see s3ckpt.zip_crc), written from the template of its kind.
-                    templates.save(_host_tensor(data), tap)
+                    templates.save(data, tap)
+                else:
+                    tap.write(data)
                 written.append((item, start, upload.bytes_written - start, tap.crc))
         result = upload.result
         log.debug(
@@ -384,16 +316,4 @@ class S3StorageWriter(S3CheckpointId, StorageWriter):
             templates.templated,
             result.size,
         )
-        return _results(rel, written, result)
-
-
-def _results(rel: str, written: list[tuple[WriteItem, int, int, int]], result: UploadResult) -> list[WriteResult]:
-    """The write results of one file: each item's offset, length and CRC32C, and the file's upload."""
-    return [
-        WriteResult(
-            index=item.index,
-            size_in_bytes=length,
-            storage_data=ItemWrite(rel, offset, length, crc, result.size, result.crc32c, result.etag),
-        )
-        for item, offset, length, crc in written
-    ]
+        return results(rel, written, result)

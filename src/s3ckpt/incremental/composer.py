@@ -33,7 +33,7 @@ from ..transport.checksums import crc_combine
 from ..transport.upload import MultipartWriter
 from .records import PREFIX, BaseLayout, ZipRecord
 
-__all__ = ["COPY_PART_SIZE", "PartPlanner", "PartSink", "RecordComposer"]
+__all__ = ["COPY_PART_SIZE", "DataSums", "PartPlanner", "PartSink", "RecordComposer"]
 
 # Copied parts are cut at record boundaries once this long: the store copies the parts of one upload in
 # parallel (max_write_concurrency at once), and a failed part is retried alone.
@@ -51,6 +51,22 @@ class PartSink(Protocol):
     def flush_part(self) -> None: ...
 
     def copy_part(self, first: int, length: int, crc32c: int) -> None: ...
+
+
+class DataSums:
+    """The zip CRC-32 and CRC32C of one record's data, taken on the pieces the upload hands back as it copies
+    them into part buffers (:meth:`tap`), while they are still in the CPU cache. ``crc32c`` given: already
+    known (computed where the bytes lay), so only the CRC-32 is taken."""
+
+    def __init__(self, crc32c: int | None = None) -> None:
+        self._known = crc32c is not None
+        self.crc32 = 0
+        self.crc32c = crc32c or 0
+
+    def tap(self, piece: memoryview) -> None:
+        self.crc32 = zlib.crc32(piece, self.crc32)
+        if not self._known:
+            self.crc32c = _crc32c.crc32c(piece, self.crc32c)
 
 
 @dataclass
@@ -202,17 +218,10 @@ class RecordComposer(io.RawIOBase):
                     cur.base, cur.crc32c = candidate, crc32c
                     return crc32
         self._upload(memoryview(cur.head))
-        sums = [0, 0 if crc32c is None else crc32c]
-
-        def tap(piece: memoryview) -> None:
-            # On the copy just made in a part buffer, still in the CPU cache.
-            sums[0] = zlib.crc32(piece, sums[0])
-            if crc32c is None:
-                sums[1] = _crc32c.crc32c(piece, sums[1])
-
-        self._upload(view, tap)
-        cur.crc32c = sums[1]
-        return sums[0]
+        sums = DataSums(crc32c)
+        self._upload(view, sums.tap)
+        cur.crc32c = sums.crc32c
+        return sums.crc32
 
     def end_record(self, crc32: int, size: int) -> None:
         cur = self._cur

@@ -35,7 +35,7 @@ def compose_store_checksum() -> bool:
 
 # Stores (endpoints) that refused UploadPartCopy: later saves upload everything without trying again.
 _no_part_copy: set[str] = set()
-_NOT_SUPPORTED = ("NotImplemented", "MethodNotAllowed", "XNotImplemented", "501", "405")
+_NOT_SUPPORTED = frozenset({"NotImplemented", "MethodNotAllowed", "XNotImplemented", "501", "405"})
 
 
 def _endpoint(t: S3Transport) -> str:
@@ -60,7 +60,7 @@ def copy_failed(t: S3Transport, url: str, exc: CopyPartError) -> None:
     while cause is not None:
         codes.add(error_code(cause))
         cause = cause.__cause__
-    if codes & set(_NOT_SUPPORTED):
+    if codes & _NOT_SUPPORTED:
         _no_part_copy.add(_endpoint(t))
         log.warning(
             "%s does not support UploadPartCopy (server-side copy of a part): incremental saves to it upload "

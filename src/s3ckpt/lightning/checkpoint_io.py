@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 def _moved(stats: ck.SaveStats) -> dict[str, Any]:
     """The :class:`SaveRecord` fields saying how a save's bytes got to the store."""
-    return {"bytes_uploaded": stats.bytes_uploaded, "bytes_copied": stats.bytes_copied, "base": stats.base}
+    return {"bytes_copied": stats.bytes_copied, "base": stats.base}
 
 
 def to_url(path: str | os.PathLike[str]) -> str:

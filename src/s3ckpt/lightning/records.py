@@ -34,16 +34,15 @@ class SaveRecord:
     """Async: seconds of ``stall_s`` spent waiting for room behind earlier saves (the rest is the snapshot)."""
     error: str = ""
     """Why the save failed (the S3 error's message); empty for a committed checkpoint."""
-    bytes_uploaded: int = -1
-    """Bytes this client sent (``bytes`` unless an incremental save copied records); -1 until known."""
     bytes_copied: int = 0
     """Bytes the store copied from :attr:`base` (incremental saves: the records unchanged since it)."""
     base: str | None = None
     """The checkpoint an incremental save copied unchanged records from, if any."""
 
-    def __post_init__(self) -> None:
-        if self.bytes_uploaded < 0:
-            object.__setattr__(self, "bytes_uploaded", self.bytes - self.bytes_copied)
+    @property
+    def bytes_uploaded(self) -> int:
+        """Bytes this client sent: ``bytes`` less those the store copied."""
+        return self.bytes - self.bytes_copied
 
     @property
     def failed(self) -> bool:
